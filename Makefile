@@ -1,0 +1,46 @@
+# `make demo` and `make test` work on a fresh machine: they build the venv (only when the
+# requirements change) and install the Fashion-MNIST Debian package first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+OUT ?= outputs/demo
+# Both cores for torch ops; tests run in 2 xdist workers with 1 thread each.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup data demo demo-lm demo-det test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)..."; \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
+	    { echo "ERROR: could not install dataset-fashion-mnist; run: sudo apt-get update && sudo apt-get install dataset-fashion-mnist"; exit 1; }; \
+	  else \
+	    echo "ERROR: Fashion-MNIST is missing from $(FMNIST_DIR)."; \
+	    echo "Install it with: sudo apt-get update && sudo apt-get install dataset-fashion-mnist"; exit 1; \
+	  fi; \
+	fi
+
+demo: setup data
+	$(VENV)/bin/slab demo --output $(OUT)
+
+test: setup data
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+bench: setup
+	$(VENV)/bin/slab bench --output outputs/bench
+
+clean:
+	rm -rf $(VENV) outputs

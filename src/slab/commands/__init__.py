@@ -1,0 +1,1 @@
+"""Subcommands of the ``slab`` CLI: one module each, with ``register(subparsers)``."""

@@ -1,0 +1,237 @@
+"""Normalization layers of SLAB: BatchNorm for token tensors, RepBN, and progressive PRepBN.
+
+Layouts: ``"tokens"`` means ``[B, N, C]`` (or any ``[..., C]``), ``"channels"`` means
+``[B, C, H, W]``. All BatchNorm statistics are per channel over every token of the batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["TokenBatchNorm", "RepBN", "PRepBN", "ChannelAffine", "RMSNorm", "get_norm_layer",
+           "set_prepbn_lambda", "NORM_CHOICES"]
+
+NORM_CHOICES = ("ln", "bn", "repbn", "prepbn", "none")
+_LAYOUTS = ("tokens", "channels")
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the channel dim of token tensors: ``BN(x)``.
+
+    ``x`` is ``[..., C]`` (layout ``"tokens"``) or ``[B, C, H, W]`` (``"channels"``). Statistics are
+    taken over all tokens of the batch. With ``mask`` (``[...]`` bool, True = real token), only real
+    tokens enter the statistics (padding-aware BN for language models).
+
+    The BatchNorm lives in ``self.bn`` (an ``nn.BatchNorm1d``/``2d``), so
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` and the authors' ``*.bn.*`` keys both work.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, layout: str = "tokens"):
+        super().__init__()
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.dim = dim
+        self.layout = layout
+        self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum) if layout == "tokens" else \
+            nn.BatchNorm2d(dim, eps=eps, momentum=momentum)
+
+    def _check(self, x: torch.Tensor) -> None:
+        c = x.shape[-1] if self.layout == "tokens" else (x.shape[1] if x.dim() == 4 else None)
+        if c != self.dim:
+            expect = "[..., C]" if self.layout == "tokens" else "[B, C, H, W]"
+            raise ValueError(f"{type(self).__name__}({self.dim}, layout={self.layout!r}) expects {expect} "
+                             f"with C={self.dim}; got shape {tuple(x.shape)}")
+        if self.training:
+            count = x.numel() // self.dim
+            if count <= 1:
+                raise ValueError(
+                    f"{type(self).__name__} in training mode needs more than one value per channel to estimate "
+                    f"batch statistics; got input {tuple(x.shape)}. Use a larger batch (or more tokens), or call "
+                    f"model.eval() to use the running statistics.")
+
+    def _masked_bn(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Statistics from real tokens only; every token is then normalised with them.
+        bn = self.bn
+        flat = x.reshape(-1, self.dim)
+        m = mask.reshape(-1)
+        if m.shape[0] != flat.shape[0]:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match tokens of shape {tuple(x.shape[:-1])}")
+        if self.training:
+            valid = flat[m]
+            n = valid.shape[0]
+            if n <= 1:
+                raise ValueError(f"{type(self).__name__}: need more than one non-padding token per batch in "
+                                 f"training, got {n}")
+            mean = valid.mean(0)
+            var = valid.var(0, unbiased=False)
+            if bn.track_running_stats:
+                with torch.no_grad():
+                    mom = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
+                    bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), mom)
+                    bn.running_var.lerp_((var.detach() * n / (n - 1)).to(bn.running_var.dtype), mom)
+                    bn.num_batches_tracked.add_(1)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        y = (flat - mean) * torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            y = y * bn.weight + bn.bias
+        return y.reshape(x.shape)
+
+    def batch_norm(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x)
+        if mask is not None and self.layout == "tokens":
+            return self._masked_bn(x, mask)
+        if self.layout == "tokens":
+            # [..., C] -> [M, C]: BatchNorm1d normalises dim 1 without any transpose.
+            return self.bn(x.reshape(-1, self.dim)).reshape(x.shape)
+        return self.bn(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.batch_norm(x, mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, layout={self.layout!r}"
+
+
+class RepBN(TokenBatchNorm):
+    """Re-parameterised BatchNorm: ``RepBN(x) = BN(x) + alpha * x``.
+
+    ``alpha`` is one learnable scalar (1 for vision models; 0, with BN weight and bias also 0, for
+    the authors' language models). In eval this is the per-channel affine map
+    ``x * (gamma / sqrt(var + eps) + alpha) + (beta - mean * gamma / sqrt(var + eps))``, which
+    :func:`slab.fuse` folds into a neighbouring Linear/Conv.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, layout: str = "tokens",
+                 alpha_init: float = 1.0):
+        super().__init__(dim, eps=eps, momentum=momentum, layout=layout)
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.batch_norm(x, mask) + self.alpha * x
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim (LLaMA's norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class PRepBN(nn.Module):
+    """Progressive RepBN: ``lam * LN(x) + (1 - lam) * RepBN(x)`` in training, ``RepBN(x)`` in eval.
+
+    ``lam`` is not touched by forward(): it is set from outside, by :class:`slab.PRepBNSchedule`
+    (driven by the optimizer step) or :func:`set_prepbn_lambda`. While ``lam == 1`` only the LN
+    runs (BN statistics are not updated, as in the authors' warm-up); once ``lam == 0`` the LN is not
+    computed at all. ``ln`` is a LayerNorm (vision) or an RMSNorm (language models).
+    """
+
+    def __init__(self, dim: int, ln_eps: float = 1e-6, bn_eps: float = 1e-5, layout: str = "tokens",
+                 alpha_init: float = 1.0, ln: str = "layernorm"):
+        super().__init__()
+        if ln not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"ln must be 'layernorm' or 'rmsnorm', got {ln!r}")
+        if layout == "channels" and ln != "layernorm":
+            raise ValueError("the channel layout supports ln='layernorm' only")
+        self.dim = dim
+        self.layout = layout
+        self.ln = nn.LayerNorm(dim, eps=ln_eps) if ln == "layernorm" else RMSNorm(dim, eps=ln_eps)
+        self.repbn = RepBN(dim, eps=bn_eps, layout=layout, alpha_init=alpha_init)
+        # A tensor for the mix (so torch.compile does not specialise on every value) and a float for
+        # the branch (warm-up / transition / done), both set by set_lambda().
+        self.register_buffer("lam", torch.ones(()), persistent=False)
+        self._lam = 1.0
+
+    @property
+    def lam_value(self) -> float:
+        return self._lam
+
+    def set_lambda(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"PRepBN lambda must be in [0, 1], got {value}")
+        self._lam = value
+        self.lam.fill_(value)
+
+    def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "channels":
+            return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.ln(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or self._lam <= 0.0:
+            return self.repbn(x, mask)
+        if self._lam >= 1.0:
+            return self._layer_norm(x)
+        lam = self.lam.to(x.dtype)
+        return lam * self._layer_norm(x) + (1.0 - lam) * self.repbn(x, mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, lam={self._lam:.4g}"
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: a folded norm where no neighbouring weight can absorb it."""
+
+    def __init__(self, dim: int, layout: str = "tokens"):
+        super().__init__()
+        self.layout = layout
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "channels":
+            return x * self.scale[:, None, None] + self.shift[:, None, None]
+        return x * self.scale + self.shift
+
+
+def get_norm_layer(norm: str, ln_eps: float = 1e-6, layout: str = "tokens", alpha_init: float = 1.0,
+                   ln: str = "layernorm") -> Callable[[int], nn.Module]:
+    """Factory ``dim -> module`` for ``norm`` in ``{'ln', 'bn', 'repbn', 'prepbn', 'none'}``.
+
+    'ln' is LayerNorm (or RMSNorm with ``ln='rmsnorm'``), 'bn' plain BatchNorm on tokens, 'repbn'
+    :class:`RepBN`, 'prepbn' :class:`PRepBN`, 'none' the identity (the norm-free lower bound).
+    """
+    def layer_norm(dim: int) -> nn.Module:
+        if ln == "rmsnorm":
+            return RMSNorm(dim, eps=ln_eps)
+        if layout == "channels":
+            return _ChannelLayerNorm(dim, eps=ln_eps)
+        return nn.LayerNorm(dim, eps=ln_eps)
+
+    factories: dict[str, Callable[[int], nn.Module]] = {
+        "ln": layer_norm,
+        "bn": lambda dim: TokenBatchNorm(dim, layout=layout),
+        "repbn": lambda dim: RepBN(dim, layout=layout, alpha_init=alpha_init),
+        "prepbn": lambda dim: PRepBN(dim, ln_eps=ln_eps, layout=layout, alpha_init=alpha_init, ln=ln),
+        "none": lambda dim: nn.Identity(),
+    }
+    if norm not in factories:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {list(factories)}")
+    return factories[norm]
+
+
+class _ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over C of a ``[B, C, H, W]`` tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def set_prepbn_lambda(model: nn.Module, value: float) -> int:
+    """Set ``lam`` on every :class:`PRepBN` of ``model``; returns how many were set."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, PRepBN):
+            m.set_lambda(value)
+            count += 1
+    return count

@@ -1,0 +1,118 @@
+"""Model construction shared by every family: timm's builder, input checks, checkpoint loading."""
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import os
+import sys
+from importlib import resources
+from typing import Callable
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+
+from ._authors import unwrap_checkpoint
+
+
+def build_slab_model(model_cls: type, variant: str, pretrained: bool, filter_fn: Callable, **kwargs) -> nn.Module:
+    """``timm.build_model_with_cfg`` with our checkpoint filter (for timm's own ``pretrained=True`` path)."""
+    kwargs.setdefault("feature_cfg", dict(feature_cls="getter")) if kwargs.get("features_only") else None
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, multiple_of: int = 1, model: nn.Module | None = None,
+                      min_size: int = 1) -> None:
+    """Raise a ValueError naming the expected shape when ``x`` is not ``[B, in_chans, H, W]`` with valid H, W."""
+    name = type(model).__name__ if model is not None else "model"
+    example = f"[B, {in_chans}, H, W] with H and W multiples of {multiple_of}" if multiple_of > 1 else f"[B, {in_chans}, H, W]"
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"{name} expects images of shape {example}; got {tuple(x.shape)}"
+                         + (" (wrong channel count: convert grayscale/RGB or build the model with "
+                            f"in_chans={x.shape[1]})" if x.dim() == 4 else ""))
+    h, w = x.shape[-2:]
+    if h % multiple_of or w % multiple_of or h < min_size or w < min_size:
+        raise ValueError(f"{name} expects images of shape {example}"
+                         + (f", at least {min_size}x{min_size}" if min_size > 1 else "")
+                         + f"; got {h}x{w}. Resize or pad to e.g. {max(min_size, -(-h // multiple_of) * multiple_of)}x"
+                           f"{max(min_size, -(-w // multiple_of) * multiple_of)}.")
+
+
+def slab_model_names() -> list[str]:
+    """Registered model names whose entry point lives in this package."""
+    names = []
+    for name in timm.list_models():
+        fn = timm.models.get_arch_name(name) and timm.models._registry._model_entrypoints.get(name)
+        if fn is not None and getattr(fn, "__module__", "").startswith("slab."):
+            names.append(name)
+    return sorted(names)
+
+
+def _family_module(model: nn.Module):
+    return sys.modules[type(model).__module__]
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file; unwrap ``"model"``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - say what the file is, not torch's unpickler internals
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint with weights_only=True: {e}") from None
+    return unwrap_checkpoint(obj)
+
+
+def _authors_manifests() -> dict:
+    with resources.files(__package__).joinpath("authors_manifests.json.gz").open("rb") as f:
+        return json.loads(gzip.decompress(f.read()))
+
+
+def closest_registered_model(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The registered model an authors' checkpoint looks like, by keys and shapes of the released manifests."""
+    from . import AUTHORS_CHECKPOINTS
+    have = {(k, tuple(v.shape)) for k, v in state_dict.items()}
+    best, score = None, 0.0
+    for file, manifest in _authors_manifests().items():
+        ref = {(k, tuple(s)) for k, s in manifest.items()}
+        jacc = len(have & ref) / max(1, len(have | ref))
+        if jacc > score:
+            best, score = AUTHORS_CHECKPOINTS.get(file), jacc
+    return best if score > 0.3 else None
+
+
+def load_checkpoint_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], model_name: str = "") -> nn.Module:
+    """Run the family's ``checkpoint_filter_fn`` and load strictly, with an error a user can act on."""
+    filter_fn = getattr(_family_module(model), "checkpoint_filter_fn", None)
+    converted = filter_fn(state_dict, model) if filter_fn is not None else state_dict
+    own = model.state_dict()
+    missing = [k for k in own if k not in converted]
+    unexpected = [k for k in converted if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in converted and tuple(converted[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:5]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with other shapes (first: {mismatched[:3]})")
+        guess = closest_registered_model(state_dict)
+        hint = f" It looks like a checkpoint of '{guess}'." if guess and guess != model_name else ""
+        raise ValueError(f"checkpoint does not fit model '{model_name or type(model).__name__}': "
+                         + "; ".join(parts) + "." + hint)
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def unknown_model_error(name: str, names: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    hint = f" Closest registered names: {', '.join(close)}." if close else ""
+    return ValueError(f"unknown model '{name}'.{hint} See `slab models` or slab.list_models() for all names.")

@@ -1,0 +1,8 @@
+"""Pure functions: the SLA op (reference and fast path) and the folding arithmetic."""
+from .folding import (affine_of_batchnorm, compose_affine, fold_affine_into_consumer,
+                      fold_affine_into_depthwise_consumer, fold_affine_into_producer)
+from .linear_attention import linear_attention
+from .naive import linear_attention_reference
+
+__all__ = ["linear_attention", "linear_attention_reference", "affine_of_batchnorm", "compose_affine",
+           "fold_affine_into_consumer", "fold_affine_into_depthwise_consumer", "fold_affine_into_producer"]

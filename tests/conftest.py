@@ -1,0 +1,48 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("SLAB_TEST_THREADS", "1")))
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def load_fixture(name: str):
+    """(record, state_dict, io) of one of the authors' reference models."""
+    from safetensors.torch import load_file
+    record = json.loads((FIXTURES / f"{name}.json").read_text())
+    return record, load_file(str(FIXTURES / f"{name}.safetensors")), load_file(str(FIXTURES / f"{name}.io.safetensors"))
+
+
+def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN statistics, affine and RepBN alpha: default ones (0/1) hide folding bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.25)
+                m.num_batches_tracked.fill_(10)
+                if m.affine:
+                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+        for name, p in model.named_parameters():
+            if name.endswith("alpha"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rel: float) -> None:
+    """Relative max error ``max|out-ref| / max|ref|`` below ``rel``; fails on NaN/inf."""
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item() + 1e-12
+    assert err / scale <= rel, f"{name}: relative error {err / scale:.3e} > {rel:.1e} (abs {err:.3e})"
