@@ -40,9 +40,13 @@ def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
     return model
 
 
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rel: float) -> None:
-    """Relative max error ``max|out-ref| / max|ref|`` below ``rel``; fails on NaN/inf."""
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rel: float, atol: float = 0.0) -> None:
+    """``max|out-ref| <= rel * max|ref| + atol``; fails on NaN/inf.
+
+    ``atol`` is for quantities that are legitimately ~0 (e.g. gradients through a saturated
+    normaliser), where float32 rounding alone exceeds any relative bound.
+    """
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err = (out.double() - ref.double()).abs().max().item()
     scale = ref.double().abs().max().item() + 1e-12
-    assert err / scale <= rel, f"{name}: relative error {err / scale:.3e} > {rel:.1e} (abs {err:.3e})"
+    assert err <= rel * scale + atol, f"{name}: relative error {err / scale:.3e} > {rel:.1e} (abs {err:.3e})"
