@@ -1,0 +1,62 @@
+"""Configuration of SLAB-LLaMA: a LLaMA decoder whose RMSNorms can be PRepBN/RepBN, and folded away.
+
+The fields are LLaMA's (:class:`transformers.LlamaConfig`, so a LLaMA config converts by adding
+``norm=``) plus the normalization ones below.
+"""
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+__all__ = ["SlabLlamaConfig", "LM_NORMS", "BN_STATS"]
+
+#: 'rmsnorm' is LLaMA's baseline, 'prepbn' the progressive RMSNorm -> RepBN replacement, 'repbn' RepBN
+#: from the start, 'none' the norm-free (fused) form.
+LM_NORMS = ("rmsnorm", "prepbn", "repbn", "none")
+#: Where BatchNorm takes its statistics in training (eval always uses the running statistics):
+#: 'batch' all real tokens of the batch (the authors'; a position sees its sequence's future through
+#: the mean/variance), 'causal' tokens at positions <= t of every row (no future leak),
+#: 'running' the running statistics (no leak, no gradient through the statistics).
+BN_STATS = ("batch", "causal", "running")
+
+
+@strict
+class SlabLlamaConfig(LlamaConfig):
+    r"""LLaMA configuration plus:
+
+    norm (`str`, defaults to "prepbn"): one of ``LM_NORMS``.
+    bn_eps (`float`): BatchNorm epsilon of RepBN.
+    bn_momentum (`float`): BatchNorm running-statistics momentum.
+    repbn_alpha_init (`float`, defaults to 0.0): initial RepBN ``alpha``. BN weight and bias start at 0 as
+        well (the authors' language-model initialisation): the BN branch starts as the zero map and is
+        learned while ``lam`` decays.
+    bn_stats (`str`, defaults to "batch"): one of ``BN_STATS``.
+    folded_bias (`bool`): the consumers of folded norms (q/k/v, gate/up projections, lm_head) carry a bias.
+        Set by :func:`slab.fuse`, together with ``norm='none'`` and ``tie_word_embeddings=False`` (folding the
+        final norm into lm_head scales its columns, so it can no longer share the embedding matrix).
+    """
+
+    model_type = "slab_llama"
+
+    norm: str = "prepbn"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    repbn_alpha_init: float = 0.0
+    bn_stats: str = "batch"
+    folded_bias: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.norm not in LM_NORMS:
+            raise ValueError(f"SlabLlamaConfig.norm must be one of {LM_NORMS}, got {self.norm!r}")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"SlabLlamaConfig.bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"SlabLlamaConfig.bn_momentum must be in (0, 1], got {self.bn_momentum}")
+        if self.bn_eps <= 0:
+            raise ValueError(f"SlabLlamaConfig.bn_eps must be positive, got {self.bn_eps}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def foldable(self) -> bool:
+        """True when every norm can be folded (eval form is a per-channel affine)."""
+        return self.norm in ("prepbn", "repbn", "none")

@@ -1,0 +1,333 @@
+"""SLAB-LLaMA: LLaMA with progressive re-parameterised BatchNorm in place of RMSNorm.
+
+Paper: "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized
+Batch Normalization" (Guo et al., ICML 2024), section on LLaMA. Every RMSNorm of a LLaMA decoder
+(``input_layernorm``, ``post_attention_layernorm``, the final ``norm``) becomes
+``PRepBN = lam * RMSNorm + (1 - lam) * RepBN`` in training and RepBN in eval; after training,
+:func:`slab.fuse` folds each RepBN into the projections that read it (q/k/v, gate/up, lm_head) and
+returns a norm-free model (``norm='none'``) that computes the same function.
+
+Attention, MLP and rotary embedding are transformers' LLaMA modules; submodule names are LLaMA's, so
+a LLaMA checkpoint converts by copying (:meth:`SlabLlamaForCausalLM.from_llama`).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
+
+from ..layers.norm import PRepBN, RepBN
+from ..reparam.fold import NotFoldableError, fold_into_consumers
+from .configuration_slab_llama import SlabLlamaConfig
+from .norm import MASKED_NORMS, apply_norm, make_norm
+
+__all__ = ["SlabLlamaDecoderLayer", "SlabLlamaPreTrainedModel", "SlabLlamaModel", "SlabLlamaForCausalLM"]
+
+
+def _ensure_bias(linear: nn.Linear) -> None:
+    """Give ``linear`` a zero bias if it has none (the folded layout always has one)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                               dtype=linear.weight.dtype))
+
+
+class SlabLlamaDecoderLayer(GradientCheckpointingLayer):
+    """LLaMA decoder layer (pre-norm attention + SwiGLU MLP) with a configurable norm."""
+
+    def __init__(self, config: SlabLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
+        if config.folded_bias:
+            for linear in self._consumers():
+                _ensure_bias(linear)
+
+    def _consumers(self) -> list[nn.Linear]:
+        return [self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj,
+                self.mlp.gate_proj, self.mlp.up_proj]
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool | None = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                token_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``hidden_states`` ``[B, T, C]``; ``token_mask`` ``[B, T]`` bool (True = real token) for BN statistics."""
+        residual = hidden_states
+        hidden_states = apply_norm(self.input_layernorm, hidden_states, token_mask)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                          position_ids=position_ids, past_key_values=past_key_values,
+                                          use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = apply_norm(self.post_attention_layernorm, hidden_states, token_mask)
+        return residual + self.mlp(hidden_states)
+
+    def fuse(self) -> "SlabLlamaDecoderLayer":
+        """Fold ``input_layernorm`` into q/k/v and ``post_attention_layernorm`` into gate/up (eval form)."""
+        attn, mlp = self.self_attn, self.mlp
+        self.input_layernorm = fold_into_consumers(self.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.post_attention_layernorm = fold_into_consumers(self.post_attention_layernorm,
+                                                            [mlp.gate_proj, mlp.up_proj])
+        for linear in self._consumers():
+            _ensure_bias(linear)
+        return self
+
+
+class SlabLlamaPreTrainedModel(PreTrainedModel):
+    config_class = SlabLlamaConfig
+    config: SlabLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SlabLlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Children are initialised before their parent, so this overrides the BatchNorm defaults (1/0).
+        if isinstance(module, RepBN):
+            init.constant_(module.alpha, self.config.repbn_alpha_init)
+            init.zeros_(module.bn.weight)
+            init.zeros_(module.bn.bias)
+        elif isinstance(module, PRepBN):
+            init.constant_(module.lam, module.lam_value)  # non-persistent buffer
+
+
+class SlabLlamaModel(SlabLlamaPreTrainedModel):
+    """The decoder stack: embeddings -> layers -> final norm. Returns :class:`BaseModelOutputWithPast`."""
+
+    def __init__(self, config: SlabLlamaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([SlabLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = make_norm(config)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids [B, T] or inputs_embeds [B, T, C]")
+        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape)
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {shape}")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
+            raise ValueError(f"inputs_embeds must be [B, T, {self.config.hidden_size}], got shape {shape}")
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"empty batch: input of shape {shape} has no tokens")
+        if input_ids is not None:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+
+    def _token_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+        """``[B, T]`` bool of real tokens for the BN statistics (training only; eval uses running statistics)."""
+        if attention_mask is None or not self.training or attention_mask.dim() != 2:
+            return None
+        if not any(isinstance(m, MASKED_NORMS) for m in (self.norm, self.layers[0].input_layernorm)):
+            return None
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the input "
+                             f"[{batch}, {length}]")
+        return attention_mask[:, -length:].to(torch.bool)
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        """``input_ids`` ``[B, T]`` (or ``inputs_embeds`` ``[B, T, C]``); ``attention_mask`` ``[B, past + T]``
+        (1 = real token) or a prepared 4D mask. Returns ``last_hidden_state`` ``[B, T, C]``."""
+        self._check_inputs(input_ids, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+            last_position = past_seen + length - 1
+        else:
+            last_position = int(position_ids.max())
+        if last_position >= self.config.max_position_embeddings:
+            raise ValueError(f"sequence too long: position {last_position} (past {past_seen} + {length} new tokens) "
+                             f"but max_position_embeddings is {self.config.max_position_embeddings}; truncate the "
+                             f"input or raise max_position_embeddings")
+        token_mask = self._token_mask(attention_mask, batch, length)
+        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                         attention_mask=attention_mask, past_key_values=past_key_values,
+                                         position_ids=position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask=causal_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, token_mask=token_mask, **kwargs)
+        hidden_states = apply_norm(self.norm, hidden_states, token_mask)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
+                                      hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        return out if return_dict is not False else out.to_tuple()
+
+
+class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
+    """SLAB-LLaMA with a language-model head. ``generate()`` works with the KV cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SlabLlamaConfig):
+        super().__init__(config)
+        self.model = SlabLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.folded_bias)
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits ``[B, T, V]`` (the last ``logits_to_keep`` positions if > 0); ``loss`` when ``labels`` is given
+        (labels are shifted inside; -100 is ignored)."""
+        kwargs.pop("output_attentions", None)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                     hidden_states=outputs.hidden_states)
+        return out if return_dict is not False else out.to_tuple()
+
+    # ----------------------------------------------------------------------------------------- fusion
+    def fuse(self) -> "SlabLlamaForCausalLM":
+        """Fold the final norm into ``lm_head`` (untying it from the embeddings) and mark the config fused.
+
+        Called by :func:`slab.fuse`, which then folds every decoder layer (its ``fuse()``). The result has
+        ``norm='none'``, ``folded_bias=True``, ``tie_word_embeddings=False`` and saves/loads as such.
+        """
+        if not self.config.foldable:
+            raise NotFoldableError(f"norm={self.config.norm!r} normalises with per-token statistics and cannot be "
+                                   f"folded; train with norm='prepbn' (see SlabLlamaForCausalLM.from_llama)")
+        if self.lm_head.weight is self.model.embed_tokens.weight or self.config.tie_word_embeddings:
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
+        self.model.norm = fold_into_consumers(self.model.norm, [self.lm_head])
+        _ensure_bias(self.lm_head)
+        self.config.norm = "none"
+        self.config.folded_bias = True
+        self.config.tie_word_embeddings = False
+        self.all_tied_weights_keys = {}
+        return self
+
+    # ------------------------------------------------------------------------------------ conversion
+    @classmethod
+    def from_llama(cls, llama: LlamaForCausalLM, norm: str = "prepbn", **config_overrides
+                   ) -> "SlabLlamaForCausalLM":
+        """A SLAB-LLaMA with the weights of a transformers ``LlamaForCausalLM`` (copied, not shared).
+
+        ``norm='rmsnorm'`` gives the same model (identical logits); ``norm='prepbn'`` copies each RMSNorm gain
+        into the PRepBN's RMSNorm branch, so in training with ``lam = 1`` (the start of the PRepBN schedule) the
+        logits are identical too. The RepBN branch starts as the zero map (alpha and BN affine 0, as the authors
+        did); fine-tune with :class:`slab.PRepBNSchedule`, recalibrate the BN statistics, then :func:`slab.fuse`.
+        Before that, an eval-mode 'prepbn' model (RepBN only) is not a usable language model.
+        """
+        if norm not in ("rmsnorm", "prepbn"):
+            raise ValueError(f"from_llama supports norm='rmsnorm' or 'prepbn' (got {norm!r}); 'repbn' would drop "
+                             f"the RMSNorm gains and 'none' is what slab.fuse returns after training")
+        if not isinstance(llama, LlamaForCausalLM) and type(llama).__name__ != "LlamaForCausalLM":
+            raise ValueError(f"from_llama expects a transformers LlamaForCausalLM, got {type(llama).__name__}")
+        src = llama.config.to_dict()
+        for key in ("model_type", "architectures", "quantization_config", "_name_or_path", "transformers_version",
+                    "auto_map", "_commit_hash", "dtype", "torch_dtype"):
+            src.pop(key, None)
+        src.update(norm=norm, **config_overrides)
+        config = SlabLlamaConfig(**src)
+        config._attn_implementation = llama.config._attn_implementation
+        ref = next(llama.parameters())
+        with init.no_init_weights():
+            model = cls(config)
+        model.to(device=ref.device, dtype=ref.dtype)
+        state = {}
+        for key, value in llama.state_dict().items():
+            if norm == "prepbn" and key.endswith("norm.weight"):
+                key = key[: -len("weight")] + "ln.weight"
+            state[key] = value.detach().clone()
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (".repbn." in k or (config.tie_word_embeddings and k == "lm_head.weight"))]
+        if missing or unexpected:
+            raise ValueError(f"from_llama: LLaMA weights do not map onto SLAB-LLaMA: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        model._reset_bn_branches()
+        model.generation_config = copy.deepcopy(llama.generation_config)
+        model.train(llama.training)
+        return model
+
+    def _reset_bn_branches(self) -> None:
+        """The authors' LM initialisation of every RepBN: alpha 0 (config), BN affine 0, statistics 0/1."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, RepBN):
+                    m.alpha.fill_(self.config.repbn_alpha_init)
+                    m.bn.weight.zero_()
+                    m.bn.bias.zero_()
+                    m.bn.reset_running_stats()
+                if isinstance(m, PRepBN):
+                    m.set_lambda(1.0)
+
+    def to_llama(self) -> LlamaForCausalLM:
+        """The equivalent transformers ``LlamaForCausalLM`` (only for ``norm='rmsnorm'``)."""
+        if self.config.norm != "rmsnorm":
+            raise ValueError(f"only an rmsnorm SLAB-LLaMA is a plain LLaMA; this one has norm={self.config.norm!r}")
+        from transformers import LlamaConfig
+        src = self.config.to_dict()
+        for key in ("model_type", "architectures", "norm", "bn_eps", "bn_momentum", "repbn_alpha_init", "bn_stats",
+                    "folded_bias", "transformers_version", "dtype"):
+            src.pop(key, None)
+        llama = LlamaForCausalLM(LlamaConfig(**src))
+        llama.load_state_dict(self.state_dict(), strict=False)
+        if llama.config.tie_word_embeddings:
+            llama.tie_weights()
+        return llama.to(next(self.parameters()).dtype)
+
+
+def check_prepbn_model(model: nn.Module) -> None:
+    """Warn when a PRepBN model is evaluated before its BN branches were trained (alpha and gamma still 0)."""
+    for name, m in model.named_modules():
+        if isinstance(m, RepBN) and not m.alpha.any() and not m.bn.weight.any():
+            warnings.warn(f"{name}: RepBN branch still at its zero initialisation; in eval this norm outputs "
+                          f"only its BN bias. Fine-tune with the PRepBN schedule first.", stacklevel=2)
+            return

@@ -1,0 +1,118 @@
+"""Norms of SLAB-LLaMA: LLaMA's RMSNorm, or PRepBN/RepBN whose BatchNorm can take causal statistics.
+
+BatchNorm in training normalises every token with statistics of the whole batch, so the output at
+position ``t`` depends (weakly) on the tokens after ``t`` of the same sequence. :class:`CausalRepBN`
+is :class:`slab.RepBN` with a choice of where the training statistics come from
+(``stats`` in :data:`BN_STATS`); in eval all choices use the running statistics, so the folded model
+is the same whatever was used in training.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from ..layers.norm import PRepBN, RepBN
+from .configuration_slab_llama import BN_STATS, SlabLlamaConfig
+
+__all__ = ["CausalRepBN", "make_norm", "MASKED_NORMS"]
+
+
+class CausalRepBN(RepBN):
+    """``RepBN(x) = BN(x) + alpha * x`` for ``x`` of shape ``[B, T, C]`` with a choice of training statistics.
+
+    ``stats='batch'``: all real tokens of the batch (the authors'). ``'causal'``: the output at position
+    ``t`` uses the mean/variance of the real tokens at positions ``<= t`` of every row (prefix statistics,
+    shifted by the running mean for accuracy); positions with fewer than two such tokens use the running
+    statistics. ``'running'``: the running statistics, as in eval (the statistics are updated from the
+    batch afterwards, without gradient). Running statistics are updated from all real tokens in every mode.
+    ``mask`` (``[B, T]`` bool, True = real token) excludes padding from the statistics.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, alpha_init: float = 0.0,
+                 stats: str = "batch"):
+        super().__init__(dim, eps=eps, momentum=momentum, layout="tokens", alpha_init=alpha_init)
+        if stats not in BN_STATS:
+            raise ValueError(f"stats must be one of {BN_STATS}, got {stats!r}")
+        self.stats = stats
+
+    def batch_norm(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or self.stats == "batch":
+            return super().batch_norm(x, mask)
+        self._check(x)
+        if x.dim() != 3:
+            raise ValueError(f"{type(self).__name__}(stats={self.stats!r}) expects [B, T, C], got {tuple(x.shape)}")
+        bn = self.bn
+        m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
+        if m.shape != x.shape[:2]:
+            raise ValueError(f"mask of shape {tuple(m.shape)} does not match tokens of shape {tuple(x.shape[:2])}")
+        run_mean = bn.running_mean.clone()
+        run_var = bn.running_var.clone()
+        if self.stats == "running":
+            mean, var = run_mean.to(x.dtype), run_var.to(x.dtype)
+        else:
+            mean, var = self._prefix_statistics(x, m, run_mean, run_var)
+        self._update_running(x, m)
+        y = (x - mean) * torch.rsqrt(var + bn.eps)
+        return y * bn.weight + bn.bias
+
+    @staticmethod
+    def _prefix_statistics(x: torch.Tensor, m: torch.Tensor, run_mean: torch.Tensor, run_var: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position ``[T, C]`` mean and biased variance of the real tokens at positions ``<= t``."""
+        w = m.to(torch.float32).unsqueeze(-1)                            # [B, T, 1]
+        xc = (x.float() - run_mean.float()) * w                           # centred: less cancellation
+        count = w.sum(0).cumsum(0)                                        # [T, 1]
+        s1 = xc.sum(0).cumsum(0)
+        s2 = (xc * xc).sum(0).cumsum(0)
+        n = count.clamp(min=1.0)
+        mean_c = s1 / n
+        var = (s2 / n - mean_c * mean_c).clamp(min=0.0)
+        enough = count >= 2
+        mean = torch.where(enough, mean_c + run_mean.float(), run_mean.float())
+        var = torch.where(enough, var, run_var.float())
+        return mean.to(x.dtype), var.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, x: torch.Tensor, m: torch.Tensor) -> None:
+        bn = self.bn
+        valid = x.detach().reshape(-1, x.shape[-1])[m.reshape(-1)].float()
+        n = valid.shape[0]
+        if n <= 1 or not bn.track_running_stats:
+            return
+        mom = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
+        bn.running_mean.lerp_(valid.mean(0).to(bn.running_mean.dtype), mom)
+        bn.running_var.lerp_(valid.var(0, unbiased=True).to(bn.running_var.dtype), mom)
+        bn.num_batches_tracked.add_(1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stats={self.stats!r}"
+
+
+#: Norms whose forward takes the padding mask.
+MASKED_NORMS = (PRepBN, RepBN)
+
+
+def make_norm(config: SlabLlamaConfig) -> nn.Module:
+    """The norm module for ``config.norm`` (LLaMA's keys: RMSNorm ``weight``; PRepBN ``ln.weight`` and
+    ``repbn.{alpha, bn.*}``)."""
+    dim = config.hidden_size
+    if config.norm == "rmsnorm":
+        return LlamaRMSNorm(dim, eps=config.rms_norm_eps)
+    if config.norm == "none":
+        return nn.Identity()
+    repbn = CausalRepBN(dim, eps=config.bn_eps, momentum=config.bn_momentum, alpha_init=config.repbn_alpha_init,
+                        stats=config.bn_stats)
+    if config.norm == "repbn":
+        return repbn
+    prepbn = PRepBN(dim, ln_eps=config.rms_norm_eps, bn_eps=config.bn_eps, alpha_init=config.repbn_alpha_init,
+                    ln="rmsnorm")
+    prepbn.repbn = repbn
+    return prepbn
+
+
+def apply_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``norm(x)``, passing the padding mask to the norms that take statistics."""
+    if isinstance(norm, MASKED_NORMS):
+        return norm(x, mask)
+    return norm(x)
