@@ -1,0 +1,133 @@
+"""Training checkpoints: atomic writes, newest-valid lookup, pruning, RNG state capture.
+
+A checkpoint is one ``torch.save`` file of tensors and plain Python values (loadable with
+``weights_only=True``): model, EMA, optimizer, grad scaler, LR and PRepBN schedules, the RNG states
+of every rank (python, numpy, torch, CUDA) and the sampler position. Files are written to a
+temporary name in the same folder, fsync'd, then renamed over the final name, so a crash leaves
+either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import warnings
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_save", "load_checkpoint", "find_checkpoints", "find_resume_checkpoint", "prune_checkpoints",
+           "capture_rng", "restore_rng", "checkpoint_path", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "slab-train-checkpoint"
+_STEP_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+def checkpoint_path(output: str, step: int) -> str:
+    return os.path.join(output, "checkpoints", f"step_{step:08d}.pt")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> str:
+    """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read and check one training checkpoint; ``ValueError`` when it is not one of ours or is damaged."""
+    path = os.fspath(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, bad pickle, ...
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a slab training checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
+    for key in ("step", "model", "optimizer", "lr_scheduler", "prepbn", "rng", "position"):
+        if key not in state:
+            raise ValueError(f"checkpoint {path} lacks {key!r}")
+    return state
+
+
+def find_checkpoints(output: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the periodic checkpoints in ``output/checkpoints``, newest first."""
+    found = []
+    for p in glob.glob(os.path.join(output, "checkpoints", "step_*.pt")):
+        m = _STEP_RE.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(output: str, warn: bool = True) -> tuple[str, dict] | tuple[None, None]:
+    """The newest checkpoint of ``output`` that loads; damaged ones are skipped with a warning."""
+    for _, path in find_checkpoints(output):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as e:
+            if warn:
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+    return None, None
+
+
+def prune_checkpoints(output: str, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest periodic checkpoints (``best.pt`` is never touched)."""
+    if keep_last <= 0:
+        return
+    for _, path in find_checkpoints(output)[keep_last:]:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def capture_rng() -> dict:
+    """This process's RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuple(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_as_tuple(v) for v in x)
+    return x
