@@ -26,7 +26,8 @@ from .config import TrainConfig, resolve_steps
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import autocast_context, evaluate, recalibrate_bn
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_loaders", "FAULT_ENV"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "build_model", "build_loaders", "load_trained_model", "recalibration_loader",
+           "FAULT_ENV"]
 
 #: Kill this process (SIGKILL) right after the given optimizer step, on the first torchrun attempt only.
 FAULT_ENV = "SLAB_FAULT_AT_STEP"
@@ -107,11 +108,24 @@ def build_loaders(cfg: TrainConfig, dist_info: DistInfo | None = None):
         raise ValueError(f"each of the {d.world_size} processes gets {sampler.num_samples} training samples per "
                          f"epoch, fewer than one batch of {cfg.batch_size}")
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                              pin_memory=pin, drop_last=True, persistent_workers=False)
+                              pin_memory=pin, drop_last=True, persistent_workers=False,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    # (a private generator: creating an iterator must not draw from the global RNG, or a resumed run,
+    # which creates one more iterator, would see different dropout and mixup draws)
     val_loader = DataLoader(val_ds, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                             sampler=ShardSampler(len(val_ds), d.world_size, d.rank), num_workers=workers,
-                            pin_memory=pin)
+                            pin_memory=pin, generator=torch.Generator())
     return train_ds, train_loader, sampler, val_loader
+
+
+def recalibration_loader(cfg: TrainConfig, dist_info: DistInfo | None = None, batch_size: int | None = None):
+    """Training images without augmentation, in a seeded shuffled order (this rank's share), for BN recalibration."""
+    d = dist_info or DistInfo()
+    ds = build_dataset(cfg.data, "train", img_size=cfg.img_size, is_training=False)
+    sampler = ResumableDistributedSampler(len(ds), d.world_size, d.rank, shuffle=True, seed=cfg.seed + 1,
+                                          drop_last=True)
+    return DataLoader(ds, batch_size=batch_size or cfg.batch_size, sampler=sampler, num_workers=_num_workers(cfg),
+                      drop_last=True, generator=torch.Generator())
 
 
 def _seed_everything(seed: int) -> None:
@@ -401,6 +415,7 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
             sampler.set_position(epoch, micro_in_epoch * cfg.batch_size)
             if hasattr(train_ds, "set_epoch"):
                 train_ds.set_epoch(epoch)
+            train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)  # loader workers' seeds, per epoch
             for batch in train_loader:
                 micro_in_epoch += 1
                 yield batch
@@ -490,9 +505,9 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
     final: dict = {}
     if not stopped_early:
         if cfg.recalibrate_batches > 0:
-            recal_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=ShardSampler(
-                len(train_ds), d.world_size, d.rank), num_workers=_num_workers(cfg))
-            recalibrate_bn(model, recal_loader, cfg.recalibrate_batches, device=device, amp=cfg.amp)
+            recalibrate_bn(model, recalibration_loader(cfg, d), cfg.recalibrate_batches, device=device, amp=cfg.amp)
+            if d.is_main:
+                emit({"type": "recalibrate", "step": step, "batches": cfg.recalibrate_batches})
         final = run_eval()
         save("periodic")
     log.close()
@@ -503,3 +518,24 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
                        final=final, steps=step, total_steps=total_steps, output_dir=cfg.output,
                        last_checkpoint=last_ckpt, best_checkpoint=best_ckpt, resumed_from=resume_path,
                        stopped_early=stopped_early, elapsed_s=time.time() - t_start)
+
+
+def load_trained_model(path: str, use_ema: bool = False, map_location="cpu") -> tuple[nn.Module, TrainConfig, dict]:
+    """``(model, config, checkpoint)`` from a checkpoint written by :func:`train` (model in eval mode).
+
+    ``use_ema`` loads the EMA weights (an error when the run kept none).
+    """
+    state = ckpt.load_checkpoint(path, map_location=map_location)
+    cfg_dict = dict(state["config"])
+    cfg_dict.update(resume=None, output=None)
+    cfg = TrainConfig.from_dict(cfg_dict)
+    model = build_model(cfg)
+    weights = state["model"]
+    if use_ema:
+        if state.get("ema") is None:
+            raise ValueError(f"{path} holds no EMA weights (the run was trained without --ema)")
+        weights = state["ema"]
+    if any(k.startswith("module.") for k in weights):
+        weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    model.load_state_dict(weights)
+    return model.eval(), cfg, state
