@@ -113,6 +113,8 @@ def load_checkpoint_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def unknown_model_error(name: str, names: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    # Names that extend what was typed (a missing suffix is the usual slip) first, then fuzzy matches.
+    prefixed = [n for n in names if n.startswith(name)]
+    close = (prefixed + [n for n in difflib.get_close_matches(name, names, n=5, cutoff=0.4) if n not in prefixed])[:5]
     hint = f" Closest registered names: {', '.join(close)}." if close else ""
     return ValueError(f"unknown model '{name}'.{hint} See `slab models` or slab.list_models() for all names.")
