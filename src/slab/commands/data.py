@@ -28,11 +28,12 @@ def register(sub) -> None:
 def _fmnist_scenes(args) -> int:
     import time
 
-    from ..detection.scenes import FMNIST_DIR, SceneConfig, make_fmnist_scenes
+    from ..data.fashion_mnist import FASHION_MNIST_DIR
+    from ..detection.scenes import SceneConfig, make_fmnist_scenes
     start = time.perf_counter()
     cfg = SceneConfig(canvas=args.canvas, max_items=args.max_items, min_scale=args.min_scale, max_scale=args.max_scale)
     files = make_fmnist_scenes(args.output, args.train, args.val, cfg, seed=args.seed,
-                               root=args.fmnist_dir or FMNIST_DIR)
+                               root=args.fmnist_dir or FASHION_MNIST_DIR)
     for split, path in files.items():
         print(f"{split}: {path}")
     print(f"wrote {args.train} train / {args.val} val scenes to {args.output} in {time.perf_counter() - start:.1f}s")

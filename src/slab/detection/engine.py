@@ -21,23 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..train.distributed import setup_distributed, teardown_distributed
 from .config import DEFAULTS, merge_config
 from .data import CocoInstances, collate, resolve_split
 from .evaluate import evaluate
 from .model import maskrcnn
 
 __all__ = ["train_detector", "build_optimizer", "lr_lambda", "load_detector"]
-
-
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
@@ -139,10 +129,8 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
     cfg = merge_config(DEFAULTS, cfg or {}, "train_detector")
     if not cfg["data"]:
         raise ValueError("no data: give --data DIR (a COCO-format folder; `slab data fmnist-scenes` makes one)")
-    world, rank, local_rank = _dist_info()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo")
-    device = _device(cfg["device"], local_rank)
+    info = setup_distributed(None if cfg["device"] == "auto" else cfg["device"])
+    world, rank, device = info.world_size, info.rank, info.device
     torch.manual_seed(cfg["seed"] + rank)
     out = Path(cfg["output"])
     if rank == 0:
@@ -273,6 +261,5 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         log(f"done in {train_seconds:.0f}s; metrics in {out / 'metrics.json'}, detector in {out / 'model.pth'}")
-    if world > 1:
-        dist.destroy_process_group()
+    teardown_distributed(info)
     return result

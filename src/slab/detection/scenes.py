@@ -17,7 +17,6 @@ pixel count, ``iscrowd`` 0, and the 10 Fashion-MNIST classes as categories 1..10
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -25,45 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FASHION_MNIST_CLASSES", "FMNIST_DIR", "read_idx", "load_fashion_mnist", "SceneConfig", "compose_scene",
-           "write_coco_split", "make_fmnist_scenes"]
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNIST
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+__all__ = ["FASHION_MNIST_CLASSES", "load_fashion_mnist", "SceneConfig", "compose_scene", "write_coco_split",
+           "make_fmnist_scenes"]
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (gzipped or not) as a numpy array (the MNIST format: magic, dims, big-endian data)."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if data[2] not in dtypes:
-        raise ValueError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, found {arr.size} values")
-    return arr.reshape(shape)
-
-
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike = FMNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """(images ``[N, 28, 28]`` uint8, labels ``[N]``) of the ``'train'`` or ``'test'`` split."""
-    if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    img_file, lbl_file = (root / f for f in _FILES[split])
-    if not img_file.is_file():
-        raise FileNotFoundError(f"Fashion-MNIST not found at {img_file}. Install it with: "
-                                f"sudo apt-get install dataset-fashion-mnist (or `make data`)")
-    return read_idx(img_file), read_idx(lbl_file).astype(np.int64)
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike = FASHION_MNIST_DIR
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(images ``[N, 28, 28]`` uint8, labels ``[N]``) of the ``'train'`` or ``'test'`` split (:mod:`slab.data`)."""
+    data = FashionMNIST(split, root=root)
+    return data.images.numpy(), data.targets.numpy()
 
 
 @dataclass
@@ -170,7 +141,7 @@ def write_coco_split(output: str | os.PathLike, split: str, num_images: int, ima
 
 
 def make_fmnist_scenes(output: str | os.PathLike, num_train: int, num_val: int, cfg: SceneConfig | None = None,
-                       seed: int = 0, root: str | os.PathLike = FMNIST_DIR) -> dict[str, Path]:
+                       seed: int = 0, root: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, Path]:
     """Write the train and val splits (train scenes from Fashion-MNIST's training items, val from its test items)."""
     cfg = cfg or SceneConfig()
     out = {}
