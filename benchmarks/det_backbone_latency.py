@@ -31,12 +31,30 @@ import torch
 DEFAULT_MODELS = ["deit_tiny_prepbn_patch16_224", "slab_deit_tiny_patch16_224"]
 
 
+# Registered SLAB-DeiT entry points fix norm='prepbn' and reject a norm= override (see the report of issue 9):
+# their LayerNorm form is the DeiT entry point with SLAB-DeiT's layout.
+_SLAB_DEIT_LAYOUT = dict(attn="sla", class_token=False, global_pool="avg", authors_unused_class_token=True)
+_LN_FALLBACK = {"slab_deit_tiny_patch16_224": ("deit_tiny_prepbn_patch16_224", _SLAB_DEIT_LAYOUT),
+                "slab_deit_small_patch16_224": ("deit_small_prepbn_patch16_224", _SLAB_DEIT_LAYOUT)}
+
+
+def _ln_body(name: str, **kwargs):
+    from slab.detection import build_body
+    try:
+        return build_body(name, norm="ln", **kwargs)
+    except TypeError:
+        if name not in _LN_FALLBACK:
+            raise
+        other, layout = _LN_FALLBACK[name]
+        return build_body(other, norm="ln", **layout, **kwargs)
+
+
 def build_forms(name: str, device: torch.device, **kwargs) -> dict[str, torch.nn.Module]:
     import slab
     from slab.detection import SlabBackboneWithFPN, build_body
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ln = SlabBackboneWithFPN(build_body(name, norm="ln", **kwargs), prepbn="continue").eval()
+        ln = SlabBackboneWithFPN(_ln_body(name, **kwargs), prepbn="continue").eval()
         torch.manual_seed(0)
         prep = SlabBackboneWithFPN(build_body(name, **kwargs), prepbn="frozen")
         # Non-trivial statistics so that folding is exercised (random weights otherwise).

@@ -105,8 +105,8 @@ def load_detector(path: str | os.PathLike, map_location="cpu") -> nn.Module:
 
 
 class _Logger:
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a") if path is not None else None
+    def __init__(self, path: Path | None, append: bool = False):
+        self.file = open(path, "a" if append else "w") if path is not None else None
 
     def __call__(self, msg: str) -> None:
         if self.file is None:
@@ -135,7 +135,7 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
     out = Path(cfg["output"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    log = _Logger(out / "log.txt" if rank == 0 else None)
+    log = _Logger(out / "log.txt" if rank == 0 else None, append=resume or bool(eval_only))
 
     val_set = CocoInstances(*resolve_split(cfg["data"], cfg["val_split"]), train=False, in_chans=cfg["in_chans"])
     if eval_only:
