@@ -1,19 +1,30 @@
 """Simplified linear attention (SLA), the production path.
 
-Same signature and result as :func:`slab.ops.naive.linear_attention_reference`. What makes it
+Same signature and result as :func:`slab.ops.naive.linear_attention_reference`:
+``relu(q) (relu(k)^T v) / (relu(q) sum_j relu(k_j) + eps)`` per batch and head. What makes it
 faster than the plain einsum chain:
 
 * associativity chosen by shape: ``q (k^T v)`` costs ``O(N d^2)``, ``(q k^T) v`` costs
-  ``O(N^2 d)``; we take the cheaper one (short sequences, e.g. windows, prefer the second);
-* the normaliser rides along in the same matmul: ``v`` gets a column of ones, so
-  ``k^T [v, 1]`` holds ``k^T v`` and ``sum_j k_j`` and one ``q @`` gives numerator and
-  denominator together (one pass over ``q`` instead of two);
-* everything is computed in float32 with autocast disabled: the ReLU kernel is unbounded and
-  the sums over N overflow in half precision.
+  ``O(N^2 d)``; we take the cheaper one (only very short sequences prefer the second);
+* ``kv = k^T v`` and ``ks = sum_j k_j`` are tiny (``[d, dv]``, ``[d]``); the normaliser ``q ks + eps``
+  comes from one batched matrix-vector product that also adds ``eps`` (``baddbmm``), and the division
+  is applied to the rows of the (private) ``relu(q)`` buffer before the last product, so the output is
+  written exactly once, contiguous, with no ``torch.cat`` of ones and no slicing;
+* a custom autograd Function with a hand-written backward that saves only ``q``, ``k``, ``v`` (plus the
+  tiny ``kv`` and ``ks``), recomputing the ReLUs and the normaliser: the einsum chain's autograd keeps
+  several ``[B, H, N, d]`` intermediates alive and its backward is an order of magnitude slower;
+* everything is computed in float32 (float64 for float64 inputs) with autocast disabled: the ReLU
+  kernel is unbounded and the sums over N overflow in half precision. Half-precision inputs are cast
+  once and the output is cast back to ``q``'s dtype.
+
+:func:`linear_attention_compiled` is an optional ``torch.compile`` path (needs a C++ compiler on
+CPU): inductor fuses the ReLUs, the normaliser and the division into the surrounding loops.
 """
 from __future__ import annotations
 
 import torch
+
+__all__ = ["linear_attention", "linear_attention_compiled", "kv_first"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -27,6 +38,98 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
+def kv_first(nq: int, nk: int, d: int, dv: int) -> bool:
+    """True when ``q (k^T v)`` needs fewer multiply-adds than ``(q k^T) v`` (normaliser included)."""
+    cost_kv_first = nk * d * (dv + 1) + nq * d * (dv + 1)
+    cost_qk_first = nq * nk * d + nq * nk * (dv + 1)
+    return cost_kv_first <= cost_qk_first
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 input (never half precision)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, D] -> [B*H, N, D]`` without a copy when the layout allows it."""
+    return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+def _kv_state(k3r: torch.Tensor, v3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv = relu(k)^T v`` ``[S, D, Dv]`` and ``ks = sum_j relu(k_j)`` as ``[S, D, 1]``."""
+    kv = torch.bmm(k3r.transpose(1, 2), v3)
+    ks = k3r.sum(dim=1).unsqueeze(-1)
+    return kv, ks
+
+
+def _denominator(q3r: torch.Tensor, ks: torch.Tensor, eps: float) -> torch.Tensor:
+    """``relu(q) ks + eps`` as ``[S, Nq, 1]`` in one batched matrix-vector product."""
+    return torch.baddbmm(q3r.new_full((1, 1, 1), eps), q3r, ks)
+
+
+class _LinearAttentionKVFirst(torch.autograd.Function):
+    """``q (k^T v)`` association with a hand-written backward (``[S, N, D]`` tensors of one float dtype).
+
+    Large temporaries are few and reused (``out=`` and in-place ops on buffers this function owns):
+    a fresh multi-megabyte buffer costs page faults on every call with the default allocator, so the
+    forward allocates two ``[S, N, D]``-sized buffers and the backward four (three of them returned).
+    """
+
+    @staticmethod
+    def forward(ctx, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, eps: float) -> torch.Tensor:
+        buf = torch.relu(k3)
+        kv, ks = _kv_state(buf, v3)
+        # relu(q) into the same buffer when it fits (self-attention); it is ours, so scaling it in place
+        # by 1/den makes the last product the output: written once, contiguous.
+        q3r = torch.clamp_min(q3, 0.0, out=buf) if q3.shape == k3.shape else torch.relu(q3)
+        q3r.div_(_denominator(q3r, ks, eps))
+        out = torch.bmm(q3r, kv)
+        ctx.save_for_backward(q3, k3, v3, kv, ks)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q3, k3, v3, kv, ks = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq = dk = dv = None
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            grad = grad.to(q3.dtype)
+            # out = num / den with num = qr kv, den = qr ks + eps, gd = grad / den:
+            #   d qr = gd kv^T - s ks^T  with  s = gd . out = (qr . (gd kv^T)) / den   (row-wise dots)
+            #   d kv = qr^T gd,  d ks = -qr^T s,  d kr = v d kv^T + d ks^T,  d v = kr d kv
+            qr = torch.relu(q3)                                   # buffer A
+            den = _denominator(qr, ks, ctx.eps)
+            gd = grad / den                                       # buffer B
+            g_kv = torch.bmm(gd, kv.transpose(1, 2))              # buffer C: [S, Nq, D]
+            s = torch.linalg.vecdot(qr, g_kv).unsqueeze(-1).div_(den)
+            if need_q:
+                g_kv.baddbmm_(s, ks.transpose(1, 2), alpha=-1.0)  # C = d qr
+                dq = torch.ops.aten.threshold_backward.grad_input(g_kv, q3, 0.0, grad_input=g_kv)
+            del g_kv
+            if need_k or need_v:
+                dkv = torch.bmm(qr.transpose(1, 2), gd)           # [S, D, Dv]
+                dks = torch.bmm(qr.transpose(1, 2), s).neg_()     # [S, D, 1]
+                if need_k:
+                    a = qr if qr.shape == k3.shape else None      # reuse A for d kr
+                    dkr = torch.bmm(v3, dkv.transpose(1, 2), out=a) if a is not None else \
+                        torch.bmm(v3, dkv.transpose(1, 2))
+                    dkr.add_(dks.transpose(1, 2))
+                    dk = torch.ops.aten.threshold_backward.grad_input(dkr, k3, 0.0, grad_input=dkr)
+                if need_v:
+                    kr = torch.clamp_min(k3, 0.0, out=gd) if gd.shape == k3.shape else torch.relu(k3)  # reuse B
+                    dv = torch.bmm(kr, dkv)
+        return dq, dk, dv, None
+
+
+def _qk_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(q k^T) v`` association (very short sequences), through ordinary autograd ops."""
+    qr, kr = torch.relu(q), torch.relu(k)
+    scores = qr @ kr.transpose(-2, -1)                         # [.., Nq, Nk]
+    den = scores.sum(dim=-1, keepdim=True).add_(eps)
+    return (scores @ v).div_(den)
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """SLA core: ``relu(q) (relu(k)^T v) / (relu(q) sum_j relu(k_j) + eps)``.
 
@@ -37,23 +140,50 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
         eps: added to the normaliser (the authors use 1e-6).
 
     Returns:
-        ``[B, H, Nq, Dv]`` in ``q``'s dtype. Differentiable in q, k and v.
+        ``[B, H, Nq, Dv]`` in ``q``'s dtype (computed in float32, or float64 for float64 input).
+        Differentiable in q, k and v.
     """
     _check(q, k, v)
     out_dtype = q.dtype
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    ct = _compute_dtype(q)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = torch.relu(q.float())
-        k = torch.relu(k.float())
-        v = v.float()
-        nq, nk, d, dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
-        # Multiply-adds of each association (normaliser included).
-        cost_kv_first = nk * d * (dv + 1) + nq * d * (dv + 1)
-        cost_qk_first = nq * nk * d + nq * nk * (dv + 1)
-        v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
-        if cost_kv_first <= cost_qk_first:
-            out = q @ (k.transpose(-2, -1) @ v1)
+        qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            # The TorchScript tracer/ONNX exporter cannot see into a Python autograd Function.
+            out = _composite(qf, kf, vf, float(eps)) if kv_first(nq, nk, d, dv) else _qk_first(qf, kf, vf, float(eps))
+        elif kv_first(nq, nk, d, dv):
+            out = _LinearAttentionKVFirst.apply(_as_3d(qf), _as_3d(kf), _as_3d(vf), float(eps))
+            out = out.view(b, h, nq, dv)
         else:
-            out = (q @ k.transpose(-2, -1)) @ v1
-        num, den = out[..., :dv], out[..., dv:]
-        out = num / (den + eps)
+            out = _qk_first(qf, kf, vf, float(eps))
     return out.to(out_dtype)
+
+
+def _composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    # The same math in plain differentiable ops, for torch.compile to fuse (no custom Function).
+    ct = _compute_dtype(q)
+    qr, kr, vf = torch.relu(q.to(ct)), torch.relu(k.to(ct)), v.to(ct)
+    kv = kr.transpose(-2, -1) @ vf
+    den = qr @ kr.sum(dim=-2).unsqueeze(-1) + eps
+    return ((qr @ kv) / den).to(q.dtype)
+
+
+_compiled = None
+
+
+def linear_attention_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`linear_attention` through ``torch.compile`` (compiled on first use; optional fast path).
+
+    Needs a working inductor backend (a C++ compiler on CPU). Only the ``q (k^T v)`` association is
+    compiled; shapes that prefer ``(q k^T) v`` use the eager path.
+    """
+    global _compiled
+    _check(q, k, v)
+    if not kv_first(q.shape[2], k.shape[2], q.shape[3], v.shape[3]):
+        return linear_attention(q, k, v, eps)
+    if _compiled is None:
+        _compiled = torch.compile(_composite, dynamic=None)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _compiled(q, k, v, float(eps))
