@@ -1,0 +1,427 @@
+"""Training, evaluation and BatchNorm calibration for SLAB-LLaMA language models.
+
+One loop serves ``slab train-lm`` (from scratch) and ``slab convert-lm`` (fine-tuning a LLaMA while
+PRepBN replaces its RMSNorms). The PRepBN lambda follows the optimizer step (:class:`slab.PRepBNSchedule`),
+so gradient accumulation does not shift it. Runs on one process, or under ``torchrun`` (DDP, one
+rank per device) when ``WORLD_SIZE`` is set; each rank takes BatchNorm statistics of its own micro-batch.
+Checkpoints are written atomically (temporary file, fsync, rename) and resume exactly where they stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..layers.norm import PRepBN, RepBN
+from ..schedule import PRepBNSchedule
+
+__all__ = ["TrainLMConfig", "train_lm", "perplexity", "fit_bn_to_ln", "recalibrate_bn", "save_checkpoint",
+           "load_checkpoint", "init_distributed"]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               batch_size: int = 8, device: str | torch.device | None = None) -> float:
+    """``exp`` of the mean next-token NLL over every predicted real token of ``input_ids`` ``[N, T]`` (eval mode)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[i: i + batch_size].to(device)
+        mask = attention_mask[i: i + batch_size].to(device) if attention_mask is not None else None
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        target = ids[:, 1:]
+        valid = torch.ones_like(target, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+        nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                          reduction="none").view_as(target)
+        total += float(nll[valid].sum())
+        count += int(valid.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("perplexity: no token to predict")
+    return math.exp(total / count)
+
+
+# ------------------------------------------------------------------------------------------ BN calibration
+def _repbns(model: nn.Module) -> list[RepBN]:
+    return [m for m in model.modules() if isinstance(m, RepBN)]
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+@torch.no_grad()
+def fit_bn_to_ln(model: nn.Module, batches) -> int:
+    """Initialise every PRepBN's RepBN branch as the per-channel affine map closest to its RMSNorm branch.
+
+    Over ``batches`` (iterable of ``(input_ids, attention_mask or None)``), with ``lam = 1``, collects for
+    each PRepBN the input ``x`` and RMSNorm output ``y`` of real tokens and sets the BN so that in eval
+    ``RepBN(x) = s * x + t`` with ``s = Cov(x, y) / Var(x)``, ``t = E[y] - s E[x]`` per channel (least
+    squares), alpha 0. The authors start this branch at zero; starting at the best affine
+    approximation lets a short fine-tune survive the transition. Returns the number of norms fitted.
+    """
+    norms = [m for m in model.modules() if isinstance(m, PRepBN)]
+    if not norms:
+        return 0
+    lams = [m.lam_value for m in norms]
+    sums: dict[int, list[torch.Tensor]] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook(idx):
+        def fn(module, inputs, output):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            y = output.detach().float().reshape(-1, output.shape[-1])
+            if current_mask[0] is not None:
+                keep = current_mask[0].reshape(-1)
+                x, y = x[keep], y[keep]
+            acc = sums.setdefault(idx, [torch.zeros((), dtype=torch.float64, device=x.device)] +
+                                  [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device) for _ in range(5)])
+            acc[0] += x.shape[0]
+            for k, v in enumerate((x, y, x * x, x * y, y * y), start=1):
+                acc[k] += v.double().sum(0)
+        return fn
+
+    handles = [m.ln.register_forward_hook(hook(i)) for i, m in enumerate(norms)]
+    was_training = model.training
+    try:
+        for m in norms:
+            m.set_lambda(1.0)
+        model.train()
+        for ids, mask in batches:
+            current_mask[0] = mask.bool().to(ids.device) if mask is not None else None
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, lam in zip(norms, lams):
+            m.set_lambda(lam)
+        model.train(was_training)
+    for i, m in enumerate(norms):
+        if i not in sums:
+            continue
+        acc = sums[i]
+        _all_reduce(acc)
+        n, sx, sy, sxx, sxy, _ = acc
+        if float(n) < 2:
+            continue
+        mean_x, mean_y = sx / n, sy / n
+        var_x = (sxx / n - mean_x ** 2).clamp(min=0.0)
+        cov = sxy / n - mean_x * mean_y
+        bn = m.repbn.bn
+        s = cov / (var_x + bn.eps)
+        t = mean_y - s * mean_x
+        std = torch.sqrt(var_x + bn.eps)
+        dt = bn.weight.dtype
+        bn.running_mean.copy_(mean_x.to(dt))
+        bn.running_var.copy_((var_x * n / (n - 1)).to(dt))
+        bn.num_batches_tracked.fill_(1)
+        bn.weight.copy_((s * std).to(dt))
+        bn.bias.copy_((t + s * mean_x).to(dt))
+        m.repbn.alpha.zero_()
+    return len(sums)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> int:
+    """Re-estimate every RepBN's running statistics over ``batches`` with the rest of the model in eval.
+
+    Running statistics are reset and then averaged over all batches (momentum ``None``); only real
+    tokens count. This is the authors' step before evaluation; call it after training, before
+    :func:`slab.fuse`. Returns the number of batches used.
+    """
+    bns = _repbns(model)
+    if not bns:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = []
+    for m in bns:
+        momenta.append(m.bn.momentum)
+        m.bn.reset_running_stats()
+        m.bn.momentum = None
+        m.train()  # a PRepBN in eval calls its RepBN, which in train mode takes batch statistics
+    n = 0
+    try:
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            n += 1
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.bn.momentum = mom
+        model.train(was_training)
+    if n and dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        for m in bns:
+            dist.all_reduce(m.bn.running_mean)
+            dist.all_reduce(m.bn.running_var)
+            m.bn.running_mean /= world
+            m.bn.running_var /= world
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------- distributed
+def init_distributed() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; starts the process group when launched by torchrun (WORLD_SIZE set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return rank, world, device
+
+
+# ------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainLMConfig:
+    """Hyper-parameters of :func:`train_lm` (all saved in the checkpoint)."""
+    steps: int = 200                    # optimizer steps
+    batch_size: int = 16                # sequences per micro-batch per rank
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20              # LR warm-up
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    prepbn_warmup: int = 0              # steps with lam = 1
+    prepbn_transition: float = 0.8      # PRepBN decay length T as a fraction of the total steps
+    bn_init: str = "zero"               # 'zero' (authors) or 'fit' (least-squares fit to the RMSNorm branch)
+    fit_batches: int = 4
+    recalibrate_batches: int = 16
+    eval_every: int = 0                 # 0: only at the end
+    save_every: int = 50
+    amp: str = "none"                   # 'none' or 'bf16' (autocast)
+    max_bad_steps: int = 20             # consecutive non-finite steps before aborting
+    seed: int = 0
+    train_params: str = "all"           # 'all' or 'no-embeddings' (freeze embed_tokens / lm_head)
+    extra: dict = field(default_factory=dict)
+
+
+class _Batches:
+    """Deterministic micro-batches: a seeded permutation per epoch, ranks take interleaved slices."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
+                 rank: int, world: int, seed: int):
+        if input_ids.shape[0] < batch_size * world:
+            raise ValueError(f"{input_ids.shape[0]} training sequences are fewer than one global batch "
+                             f"({batch_size} x {world} ranks)")
+        self.ids, self.mask = input_ids, attention_mask
+        self.bs, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.per_epoch = input_ids.shape[0] // (batch_size * world)
+        self._perm_epoch, self._perm = -1, None
+
+    def get(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        epoch, k = divmod(micro_index, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.ids.shape[0], generator=g), epoch
+        start = (k * self.world + self.rank) * self.bs
+        idx = self._perm[start: start + self.bs]
+        return self.ids[idx], (self.mask[idx] if self.mask is not None else None)
+
+
+def _lr_lambda(cfg: TrainLMConfig):
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def _optimizer(model: nn.Module, cfg: TrainLMConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if cfg.train_params == "no-embeddings" and ("embed_tokens" in name or "lm_head" in name):
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _autocast(cfg: TrainLMConfig, device: torch.device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    if cfg.amp != "bf16":
+        raise ValueError(f"amp must be 'none' or 'bf16', got {cfg.amp!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, output_dir: str | os.PathLike,
+             train_mask: torch.Tensor | None = None, eval_ids: torch.Tensor | None = None,
+             eval_mask: torch.Tensor | None = None, resume: bool = True, log=print, progress: bool = True,
+             stop_after: int | None = None) -> dict:
+    """Train ``model`` (a causal LM taking ``input_ids``/``attention_mask``/``labels``) for ``cfg.steps`` steps.
+
+    Writes ``output_dir/checkpoint.pt`` every ``cfg.save_every`` steps and at the end, and resumes from it
+    when ``resume`` (same config). The PRepBN lambda is a function of the optimizer step. A step whose
+    gradients are not finite is skipped (counted in ``bad_steps``; the schedules still advance); after
+    ``cfg.max_bad_steps`` such steps in a row training stops with an error. Returns a summary dict
+    (``history`` of losses, ``eval`` perplexities, ``bad_steps``, ``lam``). ``stop_after`` ends the run after
+    that many steps of this call (to test resuming).
+    """
+    from tqdm.auto import tqdm
+    rank, world, device = init_distributed()
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(output_dir)
+    ckpt_path = output_dir / "checkpoint.pt"
+    model.to(device)
+    schedule = PRepBNSchedule(model, total_steps=cfg.steps, warmup_steps=cfg.prepbn_warmup,
+                              transition_fraction=cfg.prepbn_transition) \
+        if any(isinstance(m, PRepBN) for m in model.modules()) else None
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    state = {"step": 0, "bad_steps": 0, "history": [], "eval": [], "fitted": False}
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        saved = {k: v for k, v in ck["train_config"].items() if k not in ("save_every", "eval_every", "extra")}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "eval_every", "extra")}
+        if saved != mine:
+            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
+            raise ValueError(f"{ckpt_path} was written with another configuration {diff}; use a new --output "
+                             f"directory or --no-resume")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if schedule is not None:
+            schedule.load_state_dict(ck["prepbn"])
+        state = ck["state"]
+        torch.set_rng_state(ck["rng"])
+        if rank == 0:
+            log(f"resumed from {ckpt_path} at step {state['step']}")
+    ddp = world > 1
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp else model
+    batches = _Batches(train_ids, train_mask, cfg.batch_size, rank, world, cfg.seed)
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress or rank != 0, desc="train",
+               dynamic_ncols=True)
+    bad_in_row = 0
+    t0, tokens = time.time(), 0
+    ran = 0
+
+    def checkpoint():
+        if rank == 0:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(),
+                             "prepbn": schedule.state_dict() if schedule is not None else None,
+                             "state": state, "rng": torch.get_rng_state(), "train_config": asdict(cfg),
+                             "model_config": model.config.to_dict() if hasattr(model, "config") else None},
+                            ckpt_path)
+        if ddp:
+            dist.barrier()
+
+    model.train()
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        if schedule is not None and cfg.bn_init == "fit" and not state["fitted"] and schedule.lam_at(step) < 1.0:
+            n = fit_bn_to_ln(model, (tuple(t.to(device) if t is not None else None for t in batches.get(i))
+                                     for i in range(cfg.fit_batches)))
+            state["fitted"] = True
+            if rank == 0:
+                log(f"step {step}: fitted {n} RepBN branches to their RMSNorm (bn_init='fit')")
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            ids, mask = batches.get(step * cfg.grad_accum + micro)
+            ids = ids.to(device)
+            mask = mask.to(device) if mask is not None else None
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+            sync = contextlib.nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else net.no_sync()
+            with sync, _autocast(cfg, device):
+                loss = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+            tokens += int(mask.sum()) if mask is not None else ids.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+        if ddp:
+            flag = finite.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
+        if bool(finite):
+            optimizer.step()
+            bad_in_row = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            state["bad_steps"] += 1
+            bad_in_row += 1
+            if rank == 0:
+                log(f"step {step}: non-finite loss/gradient, step skipped ({bad_in_row} in a row)")
+            if bad_in_row >= cfg.max_bad_steps:
+                checkpoint()
+                raise RuntimeError(f"{bad_in_row} consecutive non-finite steps at step {step}: lower --lr, use "
+                                   f"--amp none, or lengthen the PRepBN transition")
+        scheduler.step()
+        lam = schedule.step() if schedule is not None else None
+        state["step"] = step + 1
+        ran += 1
+        loss_value = float(loss_sum)
+        state["history"].append({"step": step + 1, "loss": loss_value, "lam": lam,
+                                 "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.3f}" if lam is not None else "-",
+                        tok_s=f"{tokens * world / max(1e-9, time.time() - t0):.0f}")
+        if eval_ids is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0 and rank == 0:
+            ppl = perplexity(model, eval_ids, eval_mask, batch_size=cfg.batch_size, device=device)
+            state["eval"].append({"step": state["step"], "ppl": ppl, "mode": "running-stats"})
+            log(f"step {state['step']}: held-out perplexity {ppl:.2f} (eval mode, running statistics)")
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            checkpoint()
+        if stop_after is not None and ran >= stop_after:
+            checkpoint()
+            break
+    bar.close()
+    elapsed = time.time() - t0
+    return {"step": state["step"], "bad_steps": state["bad_steps"], "history": state["history"],
+            "eval": state["eval"], "lam": schedule.lam if schedule is not None else None,
+            "train_tokens_per_s": tokens * world / max(elapsed, 1e-9), "rank": rank, "world_size": world}
