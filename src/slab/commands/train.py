@@ -55,6 +55,7 @@ _HELP = {
     "resume": "'auto' (newest valid checkpoint of --output, if any) or a checkpoint file",
     "eval_every": "evaluate every N optimizer steps (0: only at the end)",
     "eval_batch_size": "evaluation batch (default 2 x batch-size)",
+    "eval_max_batches": "evaluate on at most N batches per process (default: the whole split)",
     "save_every": "checkpoint every N optimizer steps (0: only at the end)",
     "keep_last": "periodic checkpoints kept (best.pt is kept besides)",
     "log_every": "print / update the progress bar every N steps",

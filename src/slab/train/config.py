@@ -72,6 +72,7 @@ class TrainConfig:
     resume: str | None = None
     eval_every: int = 0
     eval_batch_size: int | None = None
+    eval_max_batches: int | None = None
     save_every: int = 0
     keep_last: int = 3
     log_every: int = 50

@@ -48,10 +48,30 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     owns = False
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            _init_process_group("nccl" if dev.type == "cuda" else "gloo", rank, world)
             owns = True
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=owns)
+
+
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """``init_process_group`` from torchrun's environment, safe across ``--max-restarts`` attempts.
+
+    torchrun (c10d rendezvous, e.g. ``--standalone``) lets workers share the agent's TCPStore, and
+    the store outlives a failed attempt: the restarted workers read the previous attempt's
+    addresses and fail to connect (pytorch/pytorch#135712). Keys are therefore prefixed with the
+    attempt number. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (set for torchrun) avoids the shared
+    store altogether; then the plain ``env://`` path runs.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
+        from datetime import timedelta
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"slab/attempt_{attempt}", store), rank=rank,
+                                world_size=world)
+    else:
+        dist.init_process_group(backend)
 
 
 def teardown_distributed(info: DistInfo) -> None:

@@ -329,6 +329,8 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
 
     ddp_model = model
     if d.distributed:
+        # depthwise convs with one input channel have grads whose strides differ from DDP's bucket views: harmless
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         from torch.nn.parallel import DistributedDataParallel as DDP
         # PRepBN leaves one branch unused while lam is 0 or 1: DDP must look for unused parameters.
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -383,10 +385,10 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
     def run_eval() -> dict:
         nonlocal best_top1
         rec = {"type": "eval", "step": step}
-        r = evaluate(model, val_loader, device=device, amp=cfg.amp)
+        r = evaluate(model, val_loader, device=device, amp=cfg.amp, max_batches=cfg.eval_max_batches)
         rec.update(top1=r["top1"], loss=r["loss"])
         if ema is not None:
-            re_ = evaluate(ema.module, val_loader, device=device, amp=cfg.amp)
+            re_ = evaluate(ema.module, val_loader, device=device, amp=cfg.amp, max_batches=cfg.eval_max_batches)
             rec.update(ema_top1=re_["top1"], ema_loss=re_["loss"])
         evals.append(rec)
         emit(rec)
