@@ -21,12 +21,22 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SMALL_HEADS = dict(fpn_channels=32, representation_size=64, mask_layers=(32,), anchor_sizes=(8, 16, 32, 64, 128),
                    detector_kwargs=dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
                                         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                                        box_batch_size_per_image=32, rpn_batch_size_per_image=64))
+                                        box_batch_size_per_image=32, rpn_batch_size_per_image=64,
+                                        box_detections_per_img=10))
 
 # One reduced-width model per family: (registered name, architecture overrides).
 FAMILY_CANDIDATES = {
     "deit": ("deit_tiny_prepbn_patch16_224", dict(embed_dim=32, depth=2, num_heads=2)),
     "slab_deit": ("slab_deit_tiny_patch16_224", dict(embed_dim=32, depth=2, num_heads=2)),
+    "pvt": ("pvt_tiny_prepbn", dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2), depths=(1, 1, 1, 1),
+                                    mlp_ratios=(2, 2, 2, 2))),
+    "slab_pvt": ("slab_pvt_tiny", dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2), depths=(1, 1, 1, 1),
+                                       mlp_ratios=(2, 2, 2, 2))),
+    "slab_pvt_v2": ("slab_pvt_v2_b0", dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2),
+                                           depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2))),
+    "swin": ("swin_tiny_prepbn_patch4_window7_224", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))),
+    "slab_swin": ("slab_swin_tiny_patch4_224", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))),
+    "slab_cswin": ("slab_cswin_tiny_224", dict(embed_dim=16, depth=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))),
 }
 
 
@@ -151,6 +161,29 @@ def test_trainable_layers():
         _detector(name, kw, trainable_layers=6)
 
 
+@pytest.mark.parametrize("fam", ["slab_pvt_v2", "slab_swin", "slab_cswin"])
+def test_trainable_layers_pyramid(fam):
+    from slab.detection.backbone import _stage_modules, build_body, freeze_stages
+    name, kw = FAMILY_CANDIDATES[fam]
+    if name not in slab.list_models():
+        pytest.skip(f"{name} is not registered")
+    frozen_counts = []
+    for k in range(6):
+        body = build_body(name, **kw)
+        trainable = [p for p in body.parameters() if p.requires_grad]  # some families hold fixed parameters
+        last_stage = {id(p) for p in _stage_modules(body)[-1].parameters()}
+        freeze_stages(body, k)
+        flags = [p.requires_grad for p in trainable]
+        n_frozen = flags.index(True) if True in flags else len(flags)
+        assert not any(flags[:n_frozen]) and all(flags[n_frozen:]), "frozen parameters form a prefix"
+        if 0 < k < 5:
+            assert not flags[0], "the stem is frozen"
+            assert all(p.requires_grad for p in trainable if id(p) in last_stage), "the last stage trains"
+        frozen_counts.append(n_frozen)
+    assert frozen_counts[0] == len(flags) and frozen_counts[5] == 0
+    assert frozen_counts == sorted(frozen_counts, reverse=True) and len(set(frozen_counts)) == 6
+
+
 def test_pretrained_backbone(tmp_path):
     # Ours: a classification model's checkpoint, any head size.
     name, kw = FAMILY_CANDIDATES["slab_deit"]
@@ -167,6 +200,19 @@ def test_pretrained_backbone(tmp_path):
     from safetensors.torch import load_file
     sd = load_file(str(FIXTURES / "slab_deit.safetensors"))
     assert torch.equal(model.backbone.body.vit.patch_embed.proj.weight, sd["patch_embed.proj.weight"])
+
+
+@pytest.mark.parametrize("fam", ["slab_pvt_v2", "slab_swin"])
+def test_pretrained_pyramid_backbone(fam, tmp_path):
+    name, kw = FAMILY_CANDIDATES[fam]
+    if name not in slab.list_models():
+        pytest.skip(f"{name} is not registered")
+    cls = randomize_bn_stats(slab.create_model(name, num_classes=5, **kw))
+    torch.save({"model": cls.state_dict()}, tmp_path / "ours.pth")
+    body = _detector(name, kw, pretrained_backbone=str(tmp_path / "ours.pth")).backbone.body
+    ref = cls.state_dict()
+    got = body.state_dict()
+    assert got and all(torch.equal(v, ref[k.removeprefix("model.")]) for k, v in got.items())
 
 
 def test_bad_backbone_and_mode():

@@ -193,12 +193,25 @@ def _stage_modules(body: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def _first_block(net: nn.Module) -> nn.Module | None:
+    """The module holding the first attention layer (the first transformer block)."""
+    for name, m in net.named_modules():
+        if type(m).__name__.endswith("Attention"):
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            block = net.get_submodule(parent)
+            if isinstance(block, (nn.ModuleList, nn.Sequential)) and "." in parent:
+                block = net.get_submodule(parent.rsplit(".", 1)[0])
+            return block
+    return None
+
+
 def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
     """Freeze the stem and the first ``4 - trainable_layers`` stages of ``body`` (torchvision's convention).
 
-    ``trainable_layers`` in 0..5: 5 trains everything, 4 freezes the stem (patch embedding and what comes
-    before stage 1), 0 freezes the whole pretrained network. The cut is by registration order: every parameter
-    registered before the first parameter of the first trainable stage is frozen. New layers of a
+    ``trainable_layers`` in 0..5: 5 trains everything, 4 freezes the stem (what is registered before the first
+    transformer block: patch embedding, position embeddings), k < 4 also the first ``4 - k`` stages, 0 the whole
+    pretrained network. Stage ``s`` ends with the last parameter of the module of its ``feature_info`` entry
+    (DeiT: its blocks in four groups), so a stage's downsampling layer belongs to it. New layers of a
     :class:`SimpleFeaturePyramid` always train.
     """
     if not 0 <= trainable_layers <= 5:
@@ -206,13 +219,18 @@ def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
     if trainable_layers == 5:
         return
     net = body.vit if isinstance(body, SimpleFeaturePyramid) else body
-    params = list(net.named_parameters())
-    if trainable_layers == 0:
+    params = [p for _, p in net.named_parameters()]
+    index = {id(p): i for i, p in enumerate(params)}
+    if trainable_layers == 4:
+        block = _first_block(net) or _stage_modules(body)[0]
+        cut = index[id(next(iter(block.parameters())))]
+    elif trainable_layers == 0:
         cut = len(params)
+    elif isinstance(body, SimpleFeaturePyramid):  # a group of blocks ends where the next one starts
+        cut = index[id(next(iter(_stage_modules(body)[4 - trainable_layers].parameters())))]
     else:
-        first = next(iter(_stage_modules(body)[4 - trainable_layers].parameters()))
-        cut = next(i for i, (_, p) in enumerate(params) if p is first)
-    for _, p in params[:cut]:
+        cut = max(index[id(p)] for p in _stage_modules(body)[3 - trainable_layers].parameters()) + 1
+    for p in params[:cut]:
         p.requires_grad_(False)
 
 
@@ -238,7 +256,8 @@ class SlabBackboneWithFPN(nn.Module):
         self.body = body
         self.strides = [int(d["reduction"]) for d in info]
         if input_multiple is None:
-            input_multiple = int(getattr(body, "input_multiple", 0) or 0)
+            inner = body.model if isinstance(getattr(body, "model", None), nn.Module) else body
+            input_multiple = int(getattr(body, "input_multiple", 0) or getattr(inner, "input_multiple", 0) or 0)
             input_multiple = math.lcm(input_multiple, max(self.strides)) if input_multiple else max(self.strides)
         self.input_multiple = int(input_multiple)
         self.fpn = FeaturePyramidNetwork([int(d["num_chs"]) for d in info], out_channels,
