@@ -299,8 +299,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             raise ExportError(f"onnx.checker rejected the exported graph: {e}") from None
         bad = _forbidden_nodes(proto)
         if bad:
-            raise ExportError(f"the exported graph still normalizes: {len(bad)} forbidden node(s): {', '.join(bad[:8])}. "
-                              f"Fuse the model (slab.fuse) and check that every norm was folded.")
+            raise ExportError(f"the exported graph still normalizes: {len(bad)} forbidden node(s): {', '.join(bad[:8])}"
+                              + ("" if len(bad) <= 8 else f" (+{len(bad) - 8} more)")
+                              + ". A normalization node means a norm was not folded: export a fused model "
+                                "(slab.fuse names any norm it cannot fold). A lone Sqrt can also be an attention "
+                                "scale the exporter did not constant-fold (the TorchScript exporter does this): use "
+                                "the default exporter.")
         report["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         report["ops"] = onnx_op_histogram(proto)
         report["nodes"] = sum(report["ops"].values())
