@@ -3,6 +3,8 @@
 One representative per family and form (SLAB / plain), taken from the registry at collection time, at
 the reduced widths of ``test_fuse.REDUCED``; batch 2, and the dynamic batch checked at batch 3.
 """
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -122,3 +124,27 @@ def test_cli_export_from_fused_checkpoint_and_from_model(tmp_path, capsys):
     with torch.no_grad():
         assert (run_onnx(out2, x[:1]) - slab.fuse(model)(x[:1])).abs().max().item() <= 1e-4
     assert main(["export", "--fused", str(fused_path), "--checkpoint", str(ckpt), "--output", str(out2)]) == 2
+
+
+def test_cli_verify_passes_and_catches_a_tampered_artifact(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from slab.cli import main
+    model = _model("slab_deit_nano_patch4_28")
+    ckpt = tmp_path / "trained.pth"
+    torch.save(model.state_dict(), ckpt)
+    fused_path = tmp_path / "nano.safetensors"
+    save_fused(slab.fuse(model), fused_path, "slab_deit_nano_patch4_28", {"num_classes": 5})
+    onnx_path = tmp_path / "nano.onnx"
+    export_onnx(model, onnx_path, input_size=(2, 1, 28, 28))
+    base = ["verify", "--model", "slab_deit_nano_patch4_28", "--checkpoint", str(ckpt), "--model-kwargs",
+            '{"num_classes": 5}', "--batches", "2"]
+    assert main(base + ["--fused", str(fused_path), "--onnx", str(onnx_path)]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    assert main(["verify", "--fused", str(fused_path), "--onnx", str(onnx_path)]) == 0  # reference = fused file
+    state = load_file(str(fused_path))
+    state["head.bias"] = state["head.bias"] + 0.1
+    save_file(state, str(fused_path), metadata={"slab": json.dumps({"format": "slab-fused", "model": "x"})})
+    assert main(base + ["--fused", str(fused_path)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert main(["verify", "--model", "slab_deit_nano_patch4_28"]) == 2

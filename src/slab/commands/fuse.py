@@ -64,8 +64,10 @@ def dataset_batches(spec: str, batch: int, limit: int | None = None):
     ds = build_dataset(spec, "test")
     seen = 0
     for images, _ in DataLoader(ds, batch_size=batch, shuffle=False):
-        if limit is not None and seen >= limit:
-            break
+        if limit is not None:
+            if seen >= limit:
+                break
+            images = images[:limit - seen]
         seen += images.shape[0]
         yield images
 

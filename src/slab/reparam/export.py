@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["FORBIDDEN_ONNX_OPS", "ExportError", "save_fused", "load_fused", "read_sidecar", "sidecar_path",
-           "compare_outputs", "export_onnx", "onnx_op_histogram", "run_onnx"]
+           "compare_outputs", "export_onnx", "onnx_op_histogram", "run_onnx", "OnnxRuntimeModel"]
 
 #: ONNX op types that must not appear in an exported deploy model: any normalization, and ``Sqrt``
 #: (what a normalization decomposes into). Checked in the main graph, subgraphs and local functions.
@@ -196,15 +196,39 @@ def _forbidden_nodes(model_proto) -> list[str]:
     return found
 
 
-def run_onnx(path: str | os.PathLike, x: torch.Tensor, threads: int | None = None):
+class OnnxRuntimeModel:
+    """An ONNX file as a callable ``tensor -> tensor`` on ONNX Runtime's CPU provider.
+
+    A model exported with a fixed batch size is run on chunks of that size.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+
+    def run(self, x):
+        """Run on a numpy array (no chunking)."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().cpu().float()
+        if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
+            return torch.from_numpy(self.run(x.numpy()))
+        if x.shape[0] % self.fixed_batch:
+            raise ValueError(f"{self.path} was exported for batch {self.fixed_batch}; got a batch of {x.shape[0]}")
+        return torch.cat([torch.from_numpy(self.run(c.numpy())) for c in x.split(self.fixed_batch)])
+
+
+def run_onnx(path: str | os.PathLike, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """Run an exported model in ONNX Runtime (CPU) on ``x``; returns a float32 tensor."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
-    return torch.from_numpy(out)
+    return OnnxRuntimeModel(path, threads)(x)
 
 
 def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool,
