@@ -33,7 +33,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from ..layers.norm import PRepBN, TokenBatchNorm, set_prepbn_lambda
 
 __all__ = ["PREPBN_MODES", "FEATURE_STRIDES", "SimpleFeaturePyramid", "SlabBackboneWithFPN", "build_body",
-           "freeze_stages"]
+           "freeze_stages", "inner_model"]
 
 PREPBN_MODES = ("frozen", "continue")
 FEATURE_STRIDES = (4, 8, 16, 32)
@@ -103,6 +103,15 @@ class SimpleFeaturePyramid(nn.Module):
                              f"for a {gh}x{gw} grid")
         fmap = tokens.transpose(1, 2).reshape(b, -1, gh, gw)
         return [level(fmap) for level in self.levels]
+
+
+def inner_model(body: nn.Module) -> nn.Module:
+    """The network a body wraps: the ViT of a :class:`SimpleFeaturePyramid`, the model of a timm feature wrapper."""
+    for attr in ("vit", "model"):
+        inner = getattr(body, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return body
 
 
 def _feature_info_list(body: nn.Module) -> list[dict]:
@@ -256,8 +265,8 @@ class SlabBackboneWithFPN(nn.Module):
         self.body = body
         self.strides = [int(d["reduction"]) for d in info]
         if input_multiple is None:
-            inner = body.model if isinstance(getattr(body, "model", None), nn.Module) else body
-            input_multiple = int(getattr(body, "input_multiple", 0) or getattr(inner, "input_multiple", 0) or 0)
+            input_multiple = int(getattr(body, "input_multiple", 0) or getattr(inner_model(body), "input_multiple", 0)
+                                 or 0)
             input_multiple = math.lcm(input_multiple, max(self.strides)) if input_multiple else max(self.strides)
         self.input_multiple = int(input_multiple)
         self.fpn = FeaturePyramidNetwork([int(d["num_chs"]) for d in info], out_channels,

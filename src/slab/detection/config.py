@@ -53,7 +53,10 @@ DEFAULTS: dict = {
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` with a YAML value (``lr=2e-4``, ``min_size=[96,128]``, ``backbone_kwargs={depth: 4}``)."""
+    """``key=value`` with a YAML value (``lr=2e-4``, ``min_size=[96,128]``, ``backbone_kwargs={depth: 4}``).
+
+    Mapping values (``backbone_kwargs``, ``detector``) update the mapping already set rather than replace it.
+    """
     import yaml
     if "=" not in text:
         raise ValueError(f"override must look like key=value, got {text!r}")
@@ -69,7 +72,9 @@ def merge_config(base: dict, updates: dict, source: str) -> dict:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, DEFAULTS, 1)) else k
                  for k in unknown]
         raise ValueError(f"{source}: unknown setting(s) {', '.join(hints)}; known: {', '.join(sorted(DEFAULTS))}")
-    out.update(copy.deepcopy(updates))
+    for key, value in copy.deepcopy(updates).items():
+        # Mappings (backbone_kwargs, detector) are merged key by key; anything else is replaced.
+        out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and isinstance(value, dict) else value
     return out
 
 

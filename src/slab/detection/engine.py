@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..train.distributed import setup_distributed, teardown_distributed
 from .config import DEFAULTS, merge_config
+from .backbone import inner_model
 from .data import CocoInstances, collate, resolve_split
 from .evaluate import evaluate
 from .model import maskrcnn
@@ -34,7 +35,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     """AdamW; no weight decay on biases, norm parameters, RepBN alphas, position embeddings/encodings."""
     skip = set()
     body = model.backbone.body
-    net = getattr(body, "vit", None) or getattr(body, "model", None) or body
+    net = inner_model(body)
     if hasattr(net, "no_weight_decay"):
         skip = set(net.no_weight_decay())
     prefix = {id(p): n for n, p in net.named_parameters()}

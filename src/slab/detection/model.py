@@ -13,7 +13,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..layers.norm import set_prepbn_lambda
-from .backbone import SlabBackboneWithFPN, build_body, freeze_stages, warn_frozen_untrained
+from .backbone import SlabBackboneWithFPN, build_body, freeze_stages, inner_model, warn_frozen_untrained
 
 __all__ = ["maskrcnn", "MultiScaleTransform", "PAPER_TRAIN_SIZES"]
 
@@ -41,7 +41,7 @@ class MultiScaleTransform(GeneralizedRCNNTransform):
 
 
 def _image_stats(body: nn.Module, in_chans: int) -> tuple[list[float], list[float]]:
-    net = getattr(body, "vit", None) or getattr(body, "model", None) or body
+    net = inner_model(body)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or len(mean) != in_chans:
@@ -124,7 +124,7 @@ def maskrcnn(backbone_name: str, num_classes: int, pretrained_backbone: str | No
 
 
 def _in_chans(body: nn.Module) -> int:
-    net = getattr(body, "vit", None) or getattr(body, "model", None) or body
+    net = inner_model(body)
     if hasattr(net, "in_chans"):
         return int(net.in_chans)
     first_conv = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
