@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,12 +121,12 @@ def fit_bn_to_ln(model: nn.Module, batches) -> int:
         var_x = (sxx / n - mean_x ** 2).clamp(min=0.0)
         cov = sxy / n - mean_x * mean_y
         bn = m.repbn.bn
-        s = cov / (var_x + bn.eps)
+        s = torch.where(var_x > 1e-12, cov / var_x.clamp_min(1e-12), torch.zeros_like(cov))
         t = mean_y - s * mean_x
-        std = torch.sqrt(var_x + bn.eps)
+        std = torch.sqrt(var_x + bn.eps)  # eval: BN(x) = (x - mean) / std * gamma + beta = s x + t
         dt = bn.weight.dtype
         bn.running_mean.copy_(mean_x.to(dt))
-        bn.running_var.copy_((var_x * n / (n - 1)).to(dt))
+        bn.running_var.copy_(var_x.to(dt))
         bn.num_batches_tracked.fill_(1)
         bn.weight.copy_((s * std).to(dt))
         bn.bias.copy_((t + s * mean_x).to(dt))
@@ -401,8 +402,12 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
                 checkpoint()
                 raise RuntimeError(f"{bad_in_row} consecutive non-finite steps at step {step}: lower --lr, use "
                                    f"--amp none, or lengthen the PRepBN transition")
-        scheduler.step()
-        lam = schedule.step() if schedule is not None else None
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+        lam = min(1.0, schedule.lam) if schedule is not None else None  # lam used by this step
+        if schedule is not None:
+            schedule.step()
         state["step"] = step + 1
         ran += 1
         loss_value = float(loss_sum)
