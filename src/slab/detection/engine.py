@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..train.checkpoint import atomic_save
 from ..train.distributed import setup_distributed, teardown_distributed
 from .config import DEFAULTS, merge_config
 from .backbone import inner_model
@@ -143,6 +144,8 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
         model = load_detector(eval_only).to(device)
         metrics = evaluate(model, val_set, device, cfg["eval_batch_size"])
         log(_metrics_line(f"eval {eval_only}", metrics))
+        log(metrics["summary"].rstrip())
+        teardown_distributed(info)
         return metrics
 
     train_set = CocoInstances(*resolve_split(cfg["data"], cfg["train_split"]), train=True, hflip=cfg["hflip"],
@@ -177,6 +180,8 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
         step, history = int(ck["step"]), ck.get("history", [])
         start_epoch = step // steps_per_epoch
         log(f"resumed from {ckpt_path} at step {step}")
+    elif resume:
+        log(f"--resume: no {ckpt_path} yet, starting from step 0")
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     if rank == 0:
         import yaml
@@ -187,14 +192,14 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
         f"{len(train_set)} train / {len(val_set)} val images, {train_set.num_classes - 1} classes, "
         f"{total_steps} steps ({steps_per_epoch}/epoch x {world} process(es)), prepbn={cfg['prepbn']}, device {device}")
 
-    def save(tag: str) -> None:
+    def save() -> None:
         if rank != 0:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_sched.state_dict(), "prepbn": prepbn.state_dict() if prepbn else None,
                  "step": step, "history": history, "slab_config": model.slab_config}
-        torch.save(state, ckpt_path)
-        torch.save({"model": model.state_dict(), "slab_config": model.slab_config}, out / "model.pth")
+        atomic_save(state, ckpt_path)
+        atomic_save({"model": model.state_dict(), "slab_config": model.slab_config}, out / "model.pth")
 
     def run_eval(tag: str, net: nn.Module) -> dict:
         m = evaluate(net, val_set, device, cfg["eval_batch_size"])
@@ -241,7 +246,7 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
         if rank == 0 and (last or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0)):
             history.append({"epoch": epoch + 1, "step": step, **run_eval(f"epoch {epoch + 1}", model)})
             model.train()
-        save("epoch")
+        save()
         if world > 1:
             dist.barrier()
         if last:
