@@ -135,3 +135,75 @@ def test_compiled_path_matches():
     except Exception as e:  # noqa: BLE001 - no working C++ toolchain for inductor on this machine
         pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {e}")
     assert_close("compiled", linear_attention_reference(q, k, v), out, 1e-5)
+
+
+# ---------------------------------------------------------------- fused norm kernels vs their composition
+def _composed_prepbn(x, ln, bn, alpha, lam):
+    """``lam * LN(x) + (1 - lam) * (BN(x) + alpha * x)`` from plain functional ops (BN in training mode)."""
+    import torch.nn.functional as F
+    c = x.shape[-1]
+    rep = F.batch_norm(x.reshape(-1, c), bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                       bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1),
+                       bn.eps).reshape(x.shape) + alpha * x
+    if lam == 0.0:
+        return rep
+    return lam * F.layer_norm(x, (c,), ln.weight, ln.bias, ln.eps) + (1 - lam) * rep
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.999], ids=["after", "transition", "start"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_prepbn_fused_training_kernels_match_composition(lam, momentum):
+    import copy
+
+    from slab.layers import PRepBN
+    torch.manual_seed(0)
+    m = PRepBN(24).train()
+    m.repbn.bn.momentum = momentum
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        m.repbn.bn.running_mean.normal_()
+        m.repbn.bn.running_var.uniform_(0.5, 2.0)
+    m.set_lambda(lam)
+    ref = copy.deepcopy(m)
+    x = (torch.randn(3, 50, 24) * 2 + 1).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y = m(x)
+    yr = _composed_prepbn(xr, ref.ln, ref.repbn.bn, ref.repbn.alpha, lam)
+    ref.repbn.bn.num_batches_tracked.add_(1)
+    assert_close("output", yr, y, 1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    assert_close("dx", xr.grad, x.grad, 1e-5)
+    for (name, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
+        if lam == 0.0 and name.startswith("ln."):
+            assert p.grad is None
+            continue
+        # d alpha = sum(grad * x) over every element: float32 summation order dominates its error.
+        assert_close(f"d {name}", pr.grad, p.grad, 1e-4 if name.endswith("alpha") else 1e-5, atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(m.repbn.bn, name).double(), getattr(ref.repbn.bn, name).double(),
+                              rtol=1e-6, atol=1e-7), name
+
+
+def test_repbn_fused_eval_and_fallbacks():
+    from slab.layers import RepBN
+    torch.manual_seed(0)
+    m = RepBN(8).eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.weight.normal_()
+        m.alpha.fill_(0.7)
+    x = torch.randn(4, 5, 8)
+    want = m.bn(x.reshape(-1, 8)).reshape(x.shape) + m.alpha * x
+    assert_close("eval", want, m(x), 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes the module path
+        assert torch.isfinite(m(x)).all()
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    assert_close("masked eval", want, m(x, mask), 1e-6)
+    twin = RepBN(8)
+    twin.load_state_dict(m.state_dict())
+    m.train(), twin.train()
+    assert_close("masked train = fused train", twin(x).detach(), m(x, mask).detach(), 1e-5)

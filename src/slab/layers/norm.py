@@ -18,6 +18,64 @@ NORM_CHOICES = ("ln", "bn", "repbn", "prepbn", "none")
 _LAYOUTS = ("tokens", "channels")
 
 
+class _ProgressiveBNFunction(torch.autograd.Function):
+    """Training-mode ``lam * LN(x) + (1 - lam) * (BN(x) + alpha * x)`` on ``[M, C]`` tokens, ``0 <= lam < 1``.
+
+    Built from PyTorch's native normalization kernels with as few passes over ``x`` as eager mode
+    allows (the plain composition needs about three times as many):
+
+    * forward: one ``native_batch_norm`` for the per-channel batch statistics (it also updates the
+      running statistics); the BN branch and ``alpha`` become a per-channel affine ``x * s + t``;
+      ``t`` rides in the bias of one ``native_layer_norm`` (weight ``lam * g``) and ``x * s`` is
+      added in place. With ``lam == 0`` the LN is skipped and the output is one ``addcmul``;
+    * backward: ``native_layer_norm_backward`` and ``native_batch_norm_backward`` (whose weight
+      carries the ``lam`` mix), plus ``alpha * grad``; ``d alpha = sum(grad * x)`` comes for free from
+      the BN weight and bias gradients: ``sum_n grad x = d_gamma / invstd + mean * d_beta``.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam, running_mean, running_var,
+                factor: float, bn_eps: float, ln_eps: float, use_ln: bool):
+        # Batch statistics (and the running-statistics update) from the native kernel; its output is unused.
+        _, mean, invstd = torch.native_batch_norm(x2d, None, None, running_mean, running_var, True, factor, bn_eps)
+        keep = 1.0 - lam
+        k = bn_weight * invstd
+        scale = (k + alpha) * keep
+        shift = (bn_bias - mean * k) * keep
+        if use_ln:
+            y, mu, rstd = torch.native_layer_norm(x2d, (x2d.shape[1],), ln_weight * lam, ln_bias * lam + shift,
+                                                  ln_eps)
+            y.addcmul_(x2d, scale)
+        else:
+            y, mu, rstd = torch.addcmul(shift, x2d, scale), None, None
+        ctx.use_ln, ctx.bn_eps = use_ln, bn_eps
+        ctx.save_for_backward(x2d, ln_weight, bn_weight, alpha, lam, mean, invstd, mu, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2d, ln_weight, bn_weight, alpha, lam, mean, invstd, mu, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        keep = 1.0 - lam
+        need_x = ctx.needs_input_grad[0]
+        dx, d_bnw, d_bnb = torch.ops.aten.native_batch_norm_backward(
+            grad, x2d, bn_weight * keep, None, None, mean, invstd, True, ctx.bn_eps, [need_x, True, True])
+        # d_bnw, d_bnb are sum(grad * xhat), sum(grad): gradients w.r.t. the weight/bias passed.
+        d_alpha = (keep * ((d_bnw / invstd) + mean * d_bnb).sum()).reshape(alpha.shape)
+        d_lnw = d_lnb = None
+        if ctx.use_ln:
+            dx_ln, g_lnw, g_lnb = torch.ops.aten.native_layer_norm_backward(
+                grad, x2d, [x2d.shape[1]], mu, rstd, ln_weight * lam, ln_weight, [need_x, True, True])
+            d_lnw, d_lnb = g_lnw * lam, g_lnb * lam
+            if need_x:
+                dx.add_(dx_ln)
+        if need_x:
+            dx.addcmul_(grad, alpha * keep)
+        return (dx if need_x else None, d_lnw, d_lnb, d_bnw * keep, d_bnb * keep, d_alpha, None, None, None,
+                None, None, None, None)
+
+
 class TokenBatchNorm(nn.Module):
     """BatchNorm over the channel dim of token tensors: ``BN(x)``.
 
@@ -92,6 +150,26 @@ class TokenBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.batch_norm(x, mask)
 
+    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """True when the fused kernels apply: tokens, no mask, a plain affine BatchNorm1d tracking statistics,
+        float32/64 input outside autocast (SyncBatchNorm and the rest take the module path)."""
+        bn = self.bn
+        return (self.layout == "tokens" and mask is None and type(bn) is nn.BatchNorm1d and bn.affine
+                and bn.track_running_stats and x.dtype in (torch.float32, torch.float64)
+                and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+
+    def _running_factor(self) -> float:
+        """nn.BatchNorm's ``exponential_average_factor`` for this training step (bumps the counter)."""
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+    def _eval_affine(self, alpha: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)`` with ``BN(x) + alpha * x == x * s + t`` under the running statistics."""
+        bn = self.bn
+        k = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return k + alpha, bn.bias - bn.running_mean * k
+
     def extra_repr(self) -> str:
         return f"{self.dim}, layout={self.layout!r}"
 
@@ -111,7 +189,28 @@ class RepBN(TokenBatchNorm):
         self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fast_path(x, mask):
+            self._check(x)
+            if self.training:
+                return self.progressive(x, None, None, None, 0.0)
+            # Eval: one pass, x * (gamma * invstd + alpha) + (beta - mean * gamma * invstd).
+            scale, shift = self._eval_affine(self.alpha)
+            return torch.addcmul(shift, x, scale)
         return self.batch_norm(x, mask) + self.alpha * x
+
+    def progressive(self, x: torch.Tensor, ln_weight, ln_bias, lam: torch.Tensor | None, ln_eps: float
+                    ) -> torch.Tensor:
+        """Training-mode ``lam * LN(x) + (1 - lam) * RepBN(x)`` through the fused kernels (``lam`` None: 0)."""
+        bn = self.bn
+        use_ln = lam is not None
+        lam_t = lam.to(x.dtype) if use_ln else x.new_zeros(())
+        x2d = x.reshape(-1, self.dim)
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        y = _ProgressiveBNFunction.apply(x2d, ln_weight, ln_bias, bn.weight, bn.bias, self.alpha, lam_t,
+                                         bn.running_mean, bn.running_var, self._running_factor(), bn.eps,
+                                         ln_eps, use_ln)
+        return y.reshape(x.shape)
 
 
 class RMSNorm(nn.Module):
@@ -172,6 +271,10 @@ class PRepBN(nn.Module):
             return self.repbn(x, mask)
         if self._lam >= 1.0:
             return self._layer_norm(x)
+        if isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
+            # Transition: one fused LN + BN + alpha computation (hooks on self.ln do not fire here).
+            self.repbn._check(x)
+            return self.repbn.progressive(x, self.ln.weight, self.ln.bias, self.lam, self.ln.eps)
         lam = self.lam.to(x.dtype)
         return lam * self._layer_norm(x) + (1.0 - lam) * self.repbn(x, mask)
 
