@@ -63,12 +63,12 @@ def norm_training_cost(shape: tuple[int, int, int] = (64, 197, 384), repeats: in
 def model_training_cost(name: str = "slab_deit_small_patch16_224", batch: int = 8, img_size: int | None = None,
                         repeats: int = 5, max_time: float | None = 120.0, **kwargs) -> dict:
     """One SGD training step (forward, backward, update) of ``name`` with each norm form; times and ratios."""
-    from ..models import create_model
-    forms = {"LN": dict(norm="ln"), "BN": dict(norm="bn"), "PRepBN transition (lam=0.5)": dict(norm="prepbn"),
-             "PRepBN after (lam=0)": dict(norm="prepbn")}
+    from .models import build_norm_form
+    forms = {"LN": "ln", "BN": "bn", "PRepBN transition (lam=0.5)": "prepbn", "PRepBN after (lam=0)": "prepbn"}
     models, opts = {}, {}
-    for label, form in forms.items():
-        m = create_model(name, **{**kwargs, **form}).train()
+    for label, norm in forms.items():
+        torch.manual_seed(0)
+        m = build_norm_form(name, norm, **kwargs).train()
         if label.startswith("PRepBN"):
             set_prepbn_lambda(m, 0.5 if "transition" in label else 0.0)
         models[label] = m

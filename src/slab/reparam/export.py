@@ -259,7 +259,8 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: in
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int, int] = (1, 3, 224, 224),
                 dynamic_batch: bool = True, opset: int | None = None, *, fuse: bool = True, atol: float = 1e-4,
-                exporter: str = "auto", verbose: bool = False, seed: int = 0) -> dict:
+                exporter: str = "auto", verbose: bool = False, seed: int = 0, require_norm_free: bool = True
+                ) -> dict:
     """Export a deploy (norm-free) model to ONNX and check it; returns a report dict.
 
     Args:
@@ -274,6 +275,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         atol: max absolute difference allowed between ONNX Runtime and PyTorch outputs.
         exporter: ``'auto'`` (``torch.export``-based, falling back to TorchScript on failure),
             ``'dynamo'`` or ``'torchscript'``.
+        require_norm_free: refuse normalization / ``Sqrt`` nodes (the deploy check). ``False`` only for
+            baselines that are meant to keep their norms (benchmarking the LayerNorm form).
 
     Raises:
         ExportError: export failed, the checker rejected the graph, a normalization or ``Sqrt`` node
@@ -321,7 +324,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"onnx.checker rejected the exported graph: {e}") from None
-        bad = _forbidden_nodes(proto)
+        bad = _forbidden_nodes(proto) if require_norm_free else []
         if bad:
             raise ExportError(f"the exported graph still normalizes: {len(bad)} forbidden node(s): {', '.join(bad[:8])}"
                               + ("" if len(bad) <= 8 else f" (+{len(bad) - 8} more)")

@@ -1,0 +1,111 @@
+"""SLA against softmax attention and the plain einsum formulation.
+
+* :func:`sla_op_speed`: ``slab.ops.linear_attention`` vs the einsum reference at one shape (issue 8:
+  B=8, 3 heads, N=3136, head_dim 32, float32), forward and forward + backward, plus the memory-bandwidth
+  bound of reading q, k, v once and writing the output once (bandwidth measured with a large copy).
+* :func:`attention_by_tokens`: latency of SLA (fast op), softmax (``F.scaled_dot_product_attention``)
+  and the einsum form as the token count grows (196 ... 12544), forward only, with a plot.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.linear_attention import linear_attention
+from ..ops.naive import linear_attention_reference
+from .timing import compare
+
+__all__ = ["copy_bandwidth", "sla_op_speed", "attention_by_tokens", "plot_attention_by_tokens"]
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+    """Bytes per second moved by ``dst.copy_(src)`` of a large buffer (read + write counted)."""
+    n = megabytes * (1 << 20) // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    t = compare({"copy": lambda: dst.copy_(src)}, repeats=repeats)["copy"]
+    return 2 * n * 4 / t.robust
+
+
+def sla_op_speed(batch: int = 8, heads: int = 3, tokens: int = 3136, head_dim: int = 32, repeats: int = 20,
+                 max_time: float | None = 60.0) -> dict:
+    """Fast SLA vs the einsum reference, forward and forward + backward (float32)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, generator=g) for _ in range(3))
+    grad = torch.randn(batch, heads, tokens, head_dim, generator=g)
+    with torch.no_grad():
+        fwd = compare({"einsum": lambda: linear_attention_reference(q, k, v),
+                       "fast": lambda: linear_attention(q, k, v)}, repeats=repeats, max_time=max_time)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def step(op):
+        def run():
+            torch.autograd.grad(op(qg, kg, vg), (qg, kg, vg), grad)
+        return run
+
+    fb = compare({"einsum": step(linear_attention_reference), "fast": step(linear_attention)},
+                 repeats=max(3, repeats // 2), max_time=max_time)
+    bw = copy_bandwidth()
+    bytes_moved = 4 * q.numel() * 4  # read q, k, v once, write the output once
+    bound = bytes_moved / bw
+    return {
+        "shape": {"batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim},
+        "forward_ms": {k_: t.robust * 1e3 for k_, t in fwd.items()},
+        "forward_backward_ms": {k_: t.robust * 1e3 for k_, t in fb.items()},
+        "speedup_forward": fwd["einsum"].robust / fwd["fast"].robust,
+        "speedup_forward_backward": fb["einsum"].robust / fb["fast"].robust,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "bandwidth_bound_ms": bound * 1e3,
+        "fast_forward_vs_bound": fwd["fast"].robust / bound,
+    }
+
+
+def _softmax(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_by_tokens(tokens: tuple[int, ...] = (196, 784, 3136, 12544), batch: int = 1, heads: int = 3,
+                        head_dim: int = 32, repeats: int = 10, max_time: float | None = 30.0,
+                        einsum_max_tokens: int | None = None) -> dict:
+    """Forward latency (ms) of SLA, softmax (SDPA) and the einsum form for each token count."""
+    rows = []
+    for n in tokens:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g) for _ in range(3))
+        fns = {"SLA (fast)": lambda: linear_attention(q, k, v), "softmax (SDPA)": lambda: _softmax(q, k, v)}
+        if einsum_max_tokens is None or n <= einsum_max_tokens:
+            fns["SLA (einsum)"] = lambda: linear_attention_reference(q, k, v)
+        with torch.no_grad():
+            t = compare(fns, repeats=repeats, max_time=max_time)
+        row = {"tokens": n, **{name: tm.robust * 1e3 for name, tm in t.items()}}
+        row["softmax_over_sla"] = row["softmax (SDPA)"] / row["SLA (fast)"]
+        rows.append(row)
+    return {"batch": batch, "heads": heads, "head_dim": head_dim, "unit": "ms", "rows": rows}
+
+
+def plot_attention_by_tokens(result: dict, path: str, title: str | None = None) -> str:
+    """Log-log plot of latency against token count; returns ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    names = [k for k in rows[0] if k not in ("tokens", "softmax_over_sla")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        pts = [(r["tokens"], r[name]) for r in rows if name in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("forward latency (ms)")
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+    ax.xaxis.set_major_locator(FixedLocator([r["tokens"] for r in rows]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticklabels([str(r["tokens"]) for r in rows])
+    ax.set_title(title or f"attention core, batch {result['batch']}, {result['heads']} heads x {result['head_dim']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

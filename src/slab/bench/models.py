@@ -1,0 +1,128 @@
+"""Per family and form: parameters, GFLOPs, latency and throughput in eager, torch.compile and ONNX Runtime.
+
+Forms of one architecture (same attention, same widths):
+
+* ``LN``: every norm a LayerNorm (the baseline);
+* ``PRepBN``: the PRepBN model in eval mode, unfused (RepBN computed at inference);
+* ``fused``: ``slab.fuse`` of the PRepBN model (what is deployed);
+* ``none``: no normalization at all (``norm='none'``): the lower bound a fused model should reach.
+
+All forms of a model are timed side by side (interleaved), so the ratios to ``LN`` and to ``none``
+are meaningful even on a loaded machine.
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..models import create_model
+from ..reparam.fuse import fuse
+from .latency import count_gflops, count_params
+from .timing import compare
+
+__all__ = ["FAMILY_MODELS", "FORMS", "build_forms", "bench_model"]
+
+#: family -> the SLAB model of the paper benchmarked for it.
+FAMILY_MODELS = {
+    "deit": "slab_deit_tiny_patch16_224",
+    "pvt": "slab_pvt_tiny",
+    "pvt_v2": "slab_pvt_v2_b0",
+    "swin": "slab_swin_tiny_patch4_224",
+    "cswin": "slab_cswin_tiny_224",
+}
+FORMS = ("LN", "PRepBN", "fused", "none")
+
+
+def build_norm_form(name: str, norm: str, **kwargs) -> nn.Module:
+    """``create_model(name, norm=norm)``; SLAB-DeiT entry points that pin ``norm`` are rebuilt from the DeiT one."""
+    try:
+        return create_model(name, norm=norm, **kwargs)
+    except TypeError:
+        if not name.startswith("slab_deit_"):
+            raise
+        # The registered SLAB-DeiT functions fix norm='prepbn'; the same architecture from the DeiT entry point.
+        base = name.replace("slab_deit_", "deit_").replace("_patch", "_prepbn_patch")
+        return create_model(base, norm=norm, attn="sla", class_token=False, global_pool="avg",
+                            authors_unused_class_token=True, **kwargs)
+
+
+def build_forms(name: str, **kwargs) -> dict[str, nn.Module]:
+    """The four forms of ``name`` (eval mode); BN statistics are made non-trivial before fusing."""
+    torch.manual_seed(0)
+    prepbn = create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for m in prepbn.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fuse(prepbn)
+    return {"LN": build_norm_form(name, "ln", **kwargs).eval(), "PRepBN": prepbn, "fused": fused,
+            "none": build_norm_form(name, "none", **kwargs).eval()}
+
+
+def _ratios(times: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {form: {"vs_LN": t / times["LN"], "vs_none": t / times["none"]} for form, t in times.items()}
+
+
+def bench_model(name: str, batch_sizes: tuple[int, ...] = (1, 64), backends: tuple[str, ...] = ("eager", "compile", "onnxruntime"),
+                repeats: int = 10, max_time: float = 60.0, img_size: int | None = None, **kwargs) -> dict:
+    """Benchmark the four forms of ``name``; returns a JSON-able dict (times in ms, throughput in img/s)."""
+    from ..reparam.export import OnnxRuntimeModel, export_onnx
+    forms = build_forms(name, **({"img_size": img_size} if img_size else {}), **kwargs)
+    c, h, w = forms["PRepBN"].pretrained_cfg["input_size"]
+    if img_size:
+        h = w = img_size
+    x1 = torch.randn(1, c, h, w)
+    out: dict = {"model": name, "input": [c, h, w], "batch_sizes": list(batch_sizes),
+                 "params": {f: count_params(m) for f, m in forms.items()},
+                 "gflops": {f: count_gflops(m, x1) for f, m in forms.items()}, "latency_ms": {}, "notes": []}
+
+    def record(backend: str, batch: int, fns: dict) -> None:
+        with torch.no_grad():
+            t = compare(fns, repeats=repeats, warmup=2, max_time=max_time)
+        ms = {f: v.robust * 1e3 for f, v in t.items()}
+        out["latency_ms"].setdefault(backend, {})[str(batch)] = {
+            "ms": ms, "images_per_s": {f: batch / (v / 1e3) for f, v in ms.items()}, "ratios": _ratios(ms)}
+
+    inputs = {b: torch.randn(b, c, h, w) for b in batch_sizes}
+    if "eager" in backends:
+        for b, x in inputs.items():
+            record("eager", b, {f: (lambda m=m, x=x: m(x)) for f, m in forms.items()})
+    if "compile" in backends:
+        for b, x in inputs.items():
+            compiled = {}
+            for f, m in forms.items():
+                try:
+                    cm = torch.compile(m, dynamic=False)
+                    with torch.no_grad():
+                        cm(x)  # compile outside the timing
+                    compiled[f] = cm
+                except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+                    out["notes"].append(f"torch.compile failed for {f} at batch {b}: {type(e).__name__}: {e}"[:300])
+            if len(compiled) == len(forms):
+                record("compile", b, {f: (lambda m=m, x=x: m(x)) for f, m in compiled.items()})
+            torch._dynamo.reset()
+    if "onnxruntime" in backends:
+        sessions = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for f, m in forms.items():
+                path = Path(tmp) / f"{f}.onnx"
+                deploy = f in ("fused", "none")
+                try:
+                    export_onnx(m, path, input_size=(2, c, h, w), dynamic_batch=True, fuse=False,
+                                require_norm_free=deploy)
+                    sessions[f] = OnnxRuntimeModel(path, threads=torch.get_num_threads())
+                except Exception as e:  # noqa: BLE001
+                    out["notes"].append(f"ONNX export failed for {f}: {type(e).__name__}: {e}"[:300])
+            if len(sessions) == len(forms):
+                for b, x in inputs.items():
+                    xn = np.ascontiguousarray(x.numpy())
+                    record("onnxruntime", b, {f: (lambda s=s, xn=xn: s.run(xn)) for f, s in sessions.items()})
+    return out

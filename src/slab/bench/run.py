@@ -1,0 +1,213 @@
+"""The ``slab bench`` suite: what runs in ``--quick`` and full mode, the JSON, the plot and the tables."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .machine import machine_info
+
+__all__ = ["BenchConfig", "QUICK", "FULL", "run_bench", "render_markdown"]
+
+SECTIONS = ("sla", "attention", "norms", "training", "models")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``QUICK`` finishes in a couple of minutes on 2 CPU cores; ``FULL`` takes ~30."""
+
+    sections: tuple[str, ...] = SECTIONS
+    families: dict[str, str] = field(default_factory=dict)      # family -> model name
+    model_kwargs: dict = field(default_factory=dict)
+    batch_sizes: tuple[int, ...] = (1, 64)
+    backends: tuple[str, ...] = ("eager", "compile", "onnxruntime")
+    compile_batch_sizes: tuple[int, ...] | None = None           # None: all of batch_sizes
+    model_repeats: int = 10
+    model_max_time: float = 60.0
+    sla_shape: tuple[int, int, int, int] = (8, 3, 3136, 32)      # batch, heads, tokens, head_dim
+    sla_repeats: int = 20
+    tokens: tuple[int, ...] = (196, 784, 3136, 12544)
+    attention_batch: int = 1
+    attention_repeats: int = 10
+    norm_shape: tuple[int, int, int] = (64, 197, 384)            # SLAB-DeiT-S block input at batch 64
+    norm_repeats: int = 20
+    training_model: str = "slab_deit_small_patch16_224"
+    training_batch: int = 16
+    training_kwargs: dict = field(default_factory=dict)
+    training_repeats: int = 5
+    notes: list[str] = field(default_factory=list)
+
+
+def _quick() -> BenchConfig:
+    return BenchConfig(
+        families={"deit (Fashion-MNIST nano)": "slab_deit_nano_patch4_28"}, batch_sizes=(1, 64),
+        backends=("eager", "onnxruntime"), model_repeats=10, model_max_time=10.0, sla_repeats=6,
+        tokens=(196, 784, 3136), attention_repeats=5, norm_shape=(16, 197, 192), norm_repeats=8,
+        training_model="slab_deit_nano_patch4_28", training_batch=64, training_repeats=3,
+        notes=["--quick: the 28x28 Fashion-MNIST SLAB-DeiT stands in for the families; no torch.compile; "
+               "token counts up to 3136; a DeiT-T-sized norm input at batch 16; few repeats."])
+
+
+def _full() -> BenchConfig:
+    from .models import FAMILY_MODELS
+    return BenchConfig(
+        families=dict(FAMILY_MODELS), batch_sizes=(1, 16), compile_batch_sizes=(1,), model_repeats=6,
+        model_max_time=60.0, training_batch=16,
+        notes=["Throughput is measured at batch 16, not 64, and torch.compile at batch 1 only: on 2 shared CPU "
+               "cores a batch-64 forward of Swin-T/CSwin-T takes seconds and compiling every form at every batch "
+               "size takes most of an hour. The SLAB-DeiT-S training step runs at batch 16."])
+
+
+QUICK = _quick
+FULL = _full
+
+
+def run_bench(cfg: BenchConfig, output: str | os.PathLike, log=print) -> dict:
+    """Run the sections of ``cfg``; writes ``bench.json``, ``attention_latency.png`` and ``bench.md`` to ``output``."""
+    from . import attention, models, norms
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"machine": machine_info(), "config": asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        result["elapsed_s"] = time.perf_counter() - t0
+        tmp = out_dir / "bench.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out_dir / "bench.json")
+
+    if "sla" in cfg.sections:
+        b, h, n, d = cfg.sla_shape
+        log(f"== SLA op vs einsum: B={b}, heads={h}, N={n}, head_dim={d}")
+        result["sla_op"] = attention.sla_op_speed(b, h, n, d, repeats=cfg.sla_repeats)
+        r = result["sla_op"]
+        log(f"   forward {r['speedup_forward']:.2f}x, forward+backward {r['speedup_forward_backward']:.2f}x faster; "
+            f"{r['fast_forward_vs_bound']:.1f}x the copy-bandwidth bound")
+        save()
+    if "attention" in cfg.sections:
+        log(f"== attention by token count {cfg.tokens}")
+        result["attention"] = attention.attention_by_tokens(cfg.tokens, batch=cfg.attention_batch,
+                                                            repeats=cfg.attention_repeats)
+        result["attention_plot"] = attention.plot_attention_by_tokens(result["attention"],
+                                                                      str(out_dir / "attention_latency.png"))
+        for row in result["attention"]["rows"]:
+            log(f"   N={row['tokens']:6d}: softmax / SLA = {row['softmax_over_sla']:.2f}")
+        save()
+    if "norms" in cfg.sections:
+        log(f"== norm training cost on {cfg.norm_shape}")
+        result["norms"] = norms.norm_training_cost(cfg.norm_shape, repeats=cfg.norm_repeats)
+        log("   " + ", ".join(f"{k} {v:.2f}" for k, v in result["norms"]["ratios"].items()))
+        save()
+    if "training" in cfg.sections:
+        log(f"== training step of {cfg.training_model} at batch {cfg.training_batch}")
+        result["training"] = norms.model_training_cost(cfg.training_model, batch=cfg.training_batch,
+                                                       repeats=cfg.training_repeats, **cfg.training_kwargs)
+        log("   " + ", ".join(f"{k} {v:.3f}" for k, v in result["training"]["ratios"].items()))
+        save()
+    if "models" in cfg.sections:
+        result["models"] = []
+        for family, name in cfg.families.items():
+            log(f"== {family}: {name} ({', '.join(cfg.backends)}; batch {cfg.batch_sizes})")
+            backends = tuple(b for b in cfg.backends if b != "compile")
+            r = models.bench_model(name, cfg.batch_sizes, backends, repeats=cfg.model_repeats,
+                                   max_time=cfg.model_max_time, **cfg.model_kwargs)
+            if "compile" in cfg.backends:
+                rc = models.bench_model(name, cfg.compile_batch_sizes or cfg.batch_sizes, ("compile",),
+                                        repeats=cfg.model_repeats, max_time=cfg.model_max_time, **cfg.model_kwargs)
+                r["latency_ms"].update(rc["latency_ms"])
+                r["notes"] += rc["notes"]
+            r["family"] = family
+            result["models"].append(r)
+            for backend, by_batch in r["latency_ms"].items():
+                for batch, v in by_batch.items():
+                    q = v["ratios"]["fused"]
+                    log(f"   {backend:12s} batch {batch:>3s}: fused/LN {q['vs_LN']:.3f}, fused/none {q['vs_none']:.3f}")
+            save()
+    save()
+    (out_dir / "bench.md").write_text(render_markdown(result))
+    log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'} in {result['elapsed_s']:.0f} s")
+    return result
+
+
+# ---------------------------------------------------------------- markdown
+def _f(v: float, digits: int = 2) -> str:
+    return f"{v:.{digits}f}"
+
+
+def render_markdown(result: dict, plot_path: str | None = None) -> str:
+    """The result tables as markdown (what docs/benchmarks.md holds)."""
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch thread(s), "
+             f"torch {m['torch']}, onnxruntime {m.get('onnxruntime')}, load average {m.get('loadavg_1m', 0):.1f} "
+             f"at start; GPU: {m['gpu'] or 'none'}.", ""]
+    for note in result["config"].get("notes", []):
+        lines += [f"Note: {note}", ""]
+    if "sla_op" in result:
+        r = result["sla_op"]
+        s = r["shape"]
+        lines += [f"### SLA op vs the einsum formulation (B={s['batch']}, {s['heads']} heads, N={s['tokens']}, "
+                  f"head_dim {s['head_dim']}, float32)", "",
+                  "| | einsum (ms) | fast (ms) | speed-up |", "|---|---:|---:|---:|",
+                  f"| forward | {_f(r['forward_ms']['einsum'])} | {_f(r['forward_ms']['fast'])} | "
+                  f"{_f(r['speedup_forward'])}x |",
+                  f"| forward + backward | {_f(r['forward_backward_ms']['einsum'])} | "
+                  f"{_f(r['forward_backward_ms']['fast'])} | {_f(r['speedup_forward_backward'])}x |", "",
+                  f"Copy bandwidth {_f(r['copy_bandwidth_GBps'], 1)} GB/s: reading q, k, v once and writing the "
+                  f"output once takes {_f(r['bandwidth_bound_ms'])} ms; the fast forward is "
+                  f"{_f(r['fast_forward_vs_bound'], 1)}x that bound.", ""]
+    if "attention" in result:
+        a = result["attention"]
+        names = [k for k in a["rows"][0] if k not in ("tokens", "softmax_over_sla")]
+        lines += [f"### Attention core by token count (batch {a['batch']}, {a['heads']} heads x {a['head_dim']}, "
+                  f"forward, ms)", "", "| N | " + " | ".join(names) + " | softmax / SLA |",
+                  "|---:|" + "---:|" * (len(names) + 1)]
+        for row in a["rows"]:
+            lines.append(f"| {row['tokens']} | " + " | ".join(_f(row[n], 3) if n in row else "-" for n in names)
+                         + f" | {_f(row['softmax_over_sla'])} |")
+        if plot_path or result.get("attention_plot"):
+            lines += ["", f"![latency against N]({plot_path or Path(result['attention_plot']).name})"]
+        lines.append("")
+    if "norms" in result:
+        r = result["norms"]
+        lines += [f"### Norm training cost, forward + backward on {tuple(r['shape'])} (ms)", "",
+                  "| norm | forward | forward + backward |", "|---|---:|---:|"]
+        for k in r["forward_backward_ms"]:
+            lines.append(f"| {k} | {_f(r['forward_ms'][k])} | {_f(r['forward_backward_ms'][k])} |")
+        q = r["ratios"]
+        lines += ["", f"PRepBN transition / LayerNorm: **{_f(q['transition_vs_ln'])}x**; PRepBN after the "
+                      f"transition / BN: **{_f(q['after_vs_bn'])}x**; RepBN / BN: {_f(q['repbn_vs_bn'])}x.", ""]
+    if "training" in result:
+        r = result["training"]
+        lines += [f"### Training step of {r['model']} (batch {r['batch']}, forward + backward + SGD, ms)", "",
+                  "| form | step |", "|---|---:|"]
+        lines += [f"| {k} | {_f(v, 1)} |" for k, v in r["step_ms"].items()]
+        q = r["ratios"]
+        lines += ["", f"PRepBN transition / LN step: **{_f(q['transition_vs_ln'], 3)}x**; PRepBN after / BN step: "
+                      f"**{_f(q['after_vs_bn'], 3)}x**; after / LN: {_f(q['after_vs_ln'], 3)}x.", ""]
+    if result.get("models"):
+        lines += ["### Models: forms LN, PRepBN (unfused), fused, none (norm-free bound)", "",
+                  "| family | model | form | params (M) | GFLOPs |", "|---|---|---|---:|---:|"]
+        for r in result["models"]:
+            for f in r["params"]:
+                lines.append(f"| {r['family']} | {r['model']} | {f} | {r['params'][f] / 1e6:.2f} | "
+                             f"{_f(r['gflops'][f])} |")
+        lines += ["", "Latency (ms) and ratios of each form to LN and to the norm-free bound, per backend and batch:",
+                  "", "| model | backend | batch | LN | PRepBN | fused | none | fused / LN | fused / none | "
+                      "PRepBN / none |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["models"]:
+            for backend, by_batch in r["latency_ms"].items():
+                for batch, v in by_batch.items():
+                    ms, q = v["ms"], v["ratios"]
+                    lines.append(f"| {r['model']} | {backend} | {batch} | " + " | ".join(_f(ms[f], 2) for f in
+                                 ("LN", "PRepBN", "fused", "none")) + f" | {_f(q['fused']['vs_LN'], 3)} | "
+                                 f"{_f(q['fused']['vs_none'], 3)} | {_f(q['PRepBN']['vs_none'], 3)} |")
+        notes = [n for r in result["models"] for n in r.get("notes", [])]
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
+        lines.append("")
+    lines.append(f"Total benchmark time: {result.get('elapsed_s', 0):.0f} s.")
+    return "\n".join(lines) + "\n"
