@@ -295,6 +295,7 @@ def test_train_det_cli_end_to_end(scenes, tmp_path):
     # Resuming at the end does no more steps.
     assert main(argv + ["--resume", "--set", "eval_fused=false"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert main(argv + ["--eval-only", str(out / "model.pth")]) == 0
 
 
 def test_configs():
