@@ -120,6 +120,12 @@ def test_bad_inputs_speak():
         slab.create_model("slab_deit_nano_patch4_28", class_token=True)
 
 
+def test_registered_defaults_can_be_overridden():
+    model = slab.create_model("slab_deit_tiny_patch16_224", norm="ln", attn="softmax", class_token=True,
+                              global_pool="token", **SMALL)
+    assert model.norm_kind == "ln" and model.attn_kind == "softmax" and model.cls_token.requires_grad
+
+
 def test_interface():
     model = slab.create_model("deit_tiny_prepbn_patch16_224", **SMALL)
     x = torch.randn(2, 3, 64, 96)

@@ -243,13 +243,13 @@ _SLAB = dict(attn="sla", norm="prepbn", class_token=False, global_pool="avg", au
 @register_model
 def slab_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> SlabVisionTransformer:
     """SLAB-DeiT-T: SLA + PRepBN, no class token (74.3 top-1 in the paper)."""
-    return _create("slab_deit_tiny_patch16_224", pretrained, **dict(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), **_SLAB, **kwargs))
+    return _create("slab_deit_tiny_patch16_224", pretrained, **dict(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_SLAB), **kwargs))
 
 
 @register_model
 def slab_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> SlabVisionTransformer:
     """SLAB-DeiT-S: SLA + PRepBN, no class token (80.0 top-1)."""
-    return _create("slab_deit_small_patch16_224", pretrained, **dict(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), **_SLAB, **kwargs))
+    return _create("slab_deit_small_patch16_224", pretrained, **dict(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_SLAB), **kwargs))
 
 
 @register_model
