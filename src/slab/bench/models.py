@@ -96,6 +96,10 @@ def bench_model(name: str, batch_sizes: tuple[int, ...] = (1, 64), backends: tup
         for b, x in inputs.items():
             record("eager", b, {f: (lambda m=m, x=x: m(x)) for f, m in forms.items()})
     if "compile" in backends:
+        # Four compiled copies of one architecture share their code objects, and families whose stages run
+        # at different shapes recompile per stage: dynamo's default limit (8) would fall back to eager.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 64)
         for b, x in inputs.items():
             compiled = {}
             for f, m in forms.items():
@@ -109,6 +113,7 @@ def bench_model(name: str, batch_sizes: tuple[int, ...] = (1, 64), backends: tup
             if len(compiled) == len(forms):
                 record("compile", b, {f: (lambda m=m, x=x: m(x)) for f, m in compiled.items()})
             torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = limit
     if "onnxruntime" in backends:
         sessions = {}
         with tempfile.TemporaryDirectory() as tmp:

@@ -50,11 +50,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, D] -> [B*H, N, D]`` without a copy when the layout allows it."""
-    return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
-
-
 def _kv_state(k3r: torch.Tensor, v3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``kv = relu(k)^T v`` ``[S, D, Dv]`` and ``ks = sum_j relu(k_j)`` as ``[S, D, 1]``."""
     kv = torch.bmm(k3r.transpose(1, 2), v3)
@@ -67,59 +62,79 @@ def _denominator(q3r: torch.Tensor, ks: torch.Tensor, eps: float) -> torch.Tenso
     return torch.baddbmm(q3r.new_full((1, 1, 1), eps), q3r, ks)
 
 
-class _LinearAttentionKVFirst(torch.autograd.Function):
-    """``q (k^T v)`` association with a hand-written backward (``[S, N, D]`` tensors of one float dtype).
+def _relu_into(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(x)`` written into a contiguous buffer (``out``, or a new one), whatever ``x``'s strides.
 
-    Large temporaries are few and reused (``out=`` and in-place ops on buffers this function owns):
-    a fresh multi-megabyte buffer costs page faults on every call with the default allocator, so the
-    forward allocates two ``[S, N, D]``-sized buffers and the backward four (three of them returned).
+    ``torch.relu`` would keep the strides of a permuted head view (``[B, N, H, d]`` memory), which the
+    batched products then have to copy again: one pass instead of two.
+    """
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.clamp_min(x, 0.0, out=out)
+
+
+class _LinearAttentionKVFirst(torch.autograd.Function):
+    """``q (k^T v)`` association with a hand-written backward, on ``[B, H, N, D]`` tensors of any strides.
+
+    Saves only q, k, v (the views it was given: no copy) and the tiny ``kv`` ``[S, D, Dv]`` and ``ks``
+    ``[S, D, 1]``; the ReLUs and the normaliser are recomputed in the backward. Large temporaries are few
+    and reused (``out=`` and in-place ops on buffers this function owns): the forward allocates two
+    ``[B, H, N, D]``-sized buffers (one is the output), the backward four (three are the gradients).
     """
 
     @staticmethod
-    def forward(ctx, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, eps: float) -> torch.Tensor:
-        buf = torch.relu(k3)
-        kv, ks = _kv_state(buf, v3)
-        # relu(q) into the same buffer when it fits (self-attention); it is ours, so scaling it in place
-        # by 1/den makes the last product the output: written once, contiguous.
-        q3r = torch.clamp_min(q3, 0.0, out=buf) if q3.shape == k3.shape else torch.relu(q3)
-        q3r.div_(_denominator(q3r, ks, eps))
-        out = torch.bmm(q3r, kv)
-        ctx.save_for_backward(q3, k3, v3, kv, ks)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+        b, h, nq, d = q.shape
+        nk, dv = k.shape[2], v.shape[3]
+        s = b * h
+        buf = _relu_into(k)
+        kv, ks = _kv_state(buf.view(s, nk, d), v.reshape(s, nk, dv))
+        # relu(q) into the same buffer when it fits (self-attention); it is ours, so scaling its rows in
+        # place by 1/den makes the last product the output: written once, contiguous.
+        qr = _relu_into(q, buf if q.shape == k.shape else None).view(s, nq, d)
+        qr.div_(_denominator(qr, ks, eps))
+        out = torch.bmm(qr, kv)
+        ctx.save_for_backward(q, k, v, kv, ks)
         ctx.eps = eps
-        return out
+        return out.view(b, h, nq, dv)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q3, k3, v3, kv, ks = ctx.saved_tensors
+        q, k, v, kv, ks = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq = dk = dv = None
+        b, h, nq, d = q.shape
+        nk, dv = k.shape[2], v.shape[3]
+        s_ = b * h
+        dq = dk = dv_ = None
         with torch.autocast(device_type=grad.device.type, enabled=False):
-            grad = grad.to(q3.dtype)
+            grad = grad.to(q.dtype).reshape(s_, nq, dv)
             # out = num / den with num = qr kv, den = qr ks + eps, gd = grad / den:
             #   d qr = gd kv^T - s ks^T  with  s = gd . out = (qr . (gd kv^T)) / den   (row-wise dots)
             #   d kv = qr^T gd,  d ks = -qr^T s,  d kr = v d kv^T + d ks^T,  d v = kr d kv
-            qr = torch.relu(q3)                                   # buffer A
+            qr = _relu_into(q).view(s_, nq, d)                    # buffer A
             den = _denominator(qr, ks, ctx.eps)
             gd = grad / den                                       # buffer B
             g_kv = torch.bmm(gd, kv.transpose(1, 2))              # buffer C: [S, Nq, D]
             s = torch.linalg.vecdot(qr, g_kv).unsqueeze(-1).div_(den)
             if need_q:
                 g_kv.baddbmm_(s, ks.transpose(1, 2), alpha=-1.0)  # C = d qr
-                dq = torch.ops.aten.threshold_backward.grad_input(g_kv, q3, 0.0, grad_input=g_kv)
+                c4 = g_kv.view(b, h, nq, d)
+                dq = torch.ops.aten.threshold_backward.grad_input(c4, q, 0.0, grad_input=c4)
             del g_kv
             if need_k or need_v:
                 dkv = torch.bmm(qr.transpose(1, 2), gd)           # [S, D, Dv]
                 dks = torch.bmm(qr.transpose(1, 2), s).neg_()     # [S, D, 1]
                 if need_k:
-                    a = qr if qr.shape == k3.shape else None      # reuse A for d kr
-                    dkr = torch.bmm(v3, dkv.transpose(1, 2), out=a) if a is not None else \
-                        torch.bmm(v3, dkv.transpose(1, 2))
+                    v3 = v.reshape(s_, nk, dv)
+                    dkr = torch.bmm(v3, dkv.transpose(1, 2), out=qr) if q.shape == k.shape else \
+                        torch.bmm(v3, dkv.transpose(1, 2))        # reuse A for d kr when it fits
                     dkr.add_(dks.transpose(1, 2))
-                    dk = torch.ops.aten.threshold_backward.grad_input(dkr, k3, 0.0, grad_input=dkr)
+                    a4 = dkr.view(b, h, nk, d)
+                    dk = torch.ops.aten.threshold_backward.grad_input(a4, k, 0.0, grad_input=a4)
                 if need_v:
-                    kr = torch.clamp_min(k3, 0.0, out=gd) if gd.shape == k3.shape else torch.relu(k3)  # reuse B
-                    dv = torch.bmm(kr, dkv)
-        return dq, dk, dv, None
+                    kr = _relu_into(k, gd.view(k.shape) if gd.shape == (s_, nk, d) else None)  # reuse B
+                    dv_ = torch.bmm(kr.view(s_, nk, d), dkv).view(b, h, nk, dv)
+        return dq, dk, dv_, None
 
 
 def _qk_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -154,8 +169,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
             # The TorchScript tracer/ONNX exporter cannot see into a Python autograd Function.
             out = _composite(qf, kf, vf, float(eps)) if kv_first(nq, nk, d, dv) else _qk_first(qf, kf, vf, float(eps))
         elif kv_first(nq, nk, d, dv):
-            out = _LinearAttentionKVFirst.apply(_as_3d(qf), _as_3d(kf), _as_3d(vf), float(eps))
-            out = out.view(b, h, nq, dv)
+            out = _LinearAttentionKVFirst.apply(qf, kf, vf, float(eps))
         else:
             out = _qk_first(qf, kf, vf, float(eps))
     return out.to(out_dtype)
