@@ -184,3 +184,22 @@ def test_schedule_lambda_reaches_model_through_training(corpus, tmp_path):
     train_lm(model, blocks, TrainLMConfig(steps=2, batch_size=4, prepbn_transition=0.5), tmp_path,
              progress=False, log=lambda *a: None)
     assert all(m.lam_value == 0.0 for m in model.modules() if isinstance(m, PRepBN))
+
+
+@pytest.mark.slow
+def test_train_lm_ddp_two_processes(corpus, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): PRepBN leaves a branch unused, ranks agree, rank 0 saves."""
+    import os
+    import subprocess
+    import sys
+    d, _, _ = corpus
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
+           "-m", "slab", "train-lm", "--text", str(d), "--output", str(out), "--steps", "3", "--batch-size", "4",
+           "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab-size", "300", "--seq-len", "16",
+           "--eval-blocks", "8", "--recalibrate-batches", "2", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["steps"] == 3 and math.isfinite(res["ppl_fused"])

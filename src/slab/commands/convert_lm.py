@@ -99,6 +99,9 @@ def run(args) -> int:
     results["train_seconds"] = time.time() - t0
     results["final_train_loss"] = summary["history"][-1]["loss"] if summary["history"] else None
     results["bad_steps"] = summary["bad_steps"]
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     if rank != 0:
         return 0
     bs = args.batch_size

@@ -104,6 +104,9 @@ def run(args) -> int:
                         save_every=args.save_every, amp=args.amp, seed=args.seed)
     summary = train_lm(model, train_ids, cfg, out, train_mask=train_mask, eval_ids=eval_ids, eval_mask=eval_mask,
                        resume=not args.no_resume, log=log, progress=not args.no_progress)
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     if rank != 0:
         return 0
     results = {"norm": args.norm, "bn_stats": args.bn_stats, "bn_init": args.bn_init, "steps": summary["step"],

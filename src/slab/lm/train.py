@@ -135,12 +135,13 @@ def fit_bn_to_ln(model: nn.Module, batches) -> int:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches) -> int:
+def recalibrate_bn(model: nn.Module, batches, all_ranks: bool = False) -> int:
     """Re-estimate every RepBN's running statistics over ``batches`` with the rest of the model in eval.
 
     Running statistics are reset and then averaged over all batches (momentum ``None``); only real
     tokens count. This is the authors' step before evaluation; call it after training, before
-    :func:`slab.fuse`. Returns the number of batches used.
+    :func:`slab.fuse`. With ``all_ranks`` (every DDP rank calls it) the statistics are averaged over ranks.
+    Returns the number of batches used.
     """
     bns = _repbns(model)
     if not bns:
@@ -162,7 +163,7 @@ def recalibrate_bn(model: nn.Module, batches) -> int:
         for m, mom in zip(bns, momenta):
             m.bn.momentum = mom
         model.train(was_training)
-    if n and dist.is_available() and dist.is_initialized():
+    if all_ranks and n and dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         for m in bns:
             dist.all_reduce(m.bn.running_mean)
@@ -341,8 +342,9 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
         if rank == 0:
             log(f"resumed from {ckpt_path} at step {state['step']}")
     ddp = world > 1
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp else model
+    # PRepBN leaves one branch unused (RepBN while lam = 1, RMSNorm once lam = 0)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=schedule is not None) if ddp else model
     batches = _Batches(train_ids, train_mask, cfg.batch_size, rank, world, cfg.seed)
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress or rank != 0, desc="train",
                dynamic_ncols=True)
