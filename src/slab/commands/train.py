@@ -82,7 +82,9 @@ def add_config_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         if f.name in skip:
             continue
         tp = hints[f.name]
-        kw: dict = dict(default=argparse.SUPPRESS, help=_HELP.get(f.name, ""))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw: dict = dict(default=argparse.SUPPRESS,
+                        help=_HELP.get(f.name, "") + (f" [default: {default}]" if default not in (None, {}) else ""))
         if f.name in ("lr_warmup", "prepbn_warmup", "prepbn_transition"):
             kw["type"] = parse_amount
         elif f.name == "model_kwargs":
@@ -112,8 +114,7 @@ def register(sub) -> None:
                        description="Train a registered model with AdamW + cosine LR, the PRepBN schedule (driven by "
                                    "optimizer steps), timm augmentation, EMA, AMP, gradient accumulation, atomic "
                                    "checkpoints and exact resumption. Multi-process: torchrun --nproc_per_node N "
-                                   "-m slab train ... (gloo on CPU, NCCL on GPU).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "-m slab train ... (gloo on CPU, NCCL on GPU). See docs/training.md.")
     p.add_argument("--config", default=None,
                    help="YAML of TrainConfig fields (a file, or a packaged name: slab train --list-configs)")
     p.add_argument("--list-configs", action="store_true", help="list the packaged configs and exit")
