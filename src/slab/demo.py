@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -113,6 +114,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from slab.train import TrainConfig, evaluate, recalibrate_bn, train
 
     os.makedirs(cfg.output, exist_ok=True)
+    for sub in ("ln", "slab"):
+        # The demo owns these run folders; a previous demo's checkpoints would otherwise be refused
+        # (train() never silently mixes runs).
+        shutil.rmtree(os.path.join(cfg.output, sub), ignore_errors=True)
     t0 = time.time()
     runs = {}
     for label, kwargs in FORMS.items():
