@@ -36,6 +36,12 @@ class CausalRepBN(RepBN):
             raise ValueError(f"stats must be one of {BN_STATS}, got {stats!r}")
         self.stats = stats
 
+    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        # RepBN's fused kernels take batch statistics: causal/running training goes through batch_norm().
+        if self.training and self.stats != "batch":
+            return False
+        return super()._fast_path(x, mask)
+
     def batch_norm(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.stats == "batch":
             return super().batch_norm(x, mask)
