@@ -4,7 +4,8 @@
 
 Loads a trained (unfused) PRepBN SLAB-LLaMA, puts it in training mode with lam = 0 (RepBN only),
 and for each BN statistics mode (batch / causal / running) reports the max relative change of the
-logits at positions <= t when every token after t is replaced, for a batch of held-out text, plus
+logits at positions <= t when every token after t is replaced (by random tokens, or by other held-out
+text), for a batch of held-out text, plus
 the same in eval mode (must be 0).
 """
 import argparse
@@ -28,15 +29,18 @@ def main() -> None:
     model = SlabLlamaForCausalLM.from_pretrained(args.model_dir)
     tok = PreTrainedTokenizerFast.from_pretrained(args.model_dir)
     ds = data.load_text()
-    ids = data.pack_tokens(tok, ds["test"]["text"], args.seq_len, max_blocks=args.batch_size)
+    blocks = data.pack_tokens(tok, ds["test"]["text"], args.seq_len, max_blocks=2 * args.batch_size)
+    ids, other = blocks[: args.batch_size], blocks[args.batch_size:]
     set_prepbn_lambda(model, 0.0)
     rows = {}
     for stats in ("batch", "causal", "running"):
         for m in model.modules():
             if isinstance(m, CausalRepBN):
                 m.stats = stats
-        rows[f"train/{stats}"] = {t: future_leak(model, ids, int(t), training=True)
-                                  for t in args.positions.split(",")}
+        rows[f"train/{stats}/random"] = {t: future_leak(model, ids, int(t), training=True)
+                                         for t in args.positions.split(",")}
+        rows[f"train/{stats}/other-text"] = {t: future_leak(model, ids, int(t), training=True, replacement=other)
+                                             for t in args.positions.split(",")}
     rows["eval"] = {t: future_leak(model, ids, int(t), training=False) for t in args.positions.split(",")}
     print(json.dumps(rows, indent=2))
 

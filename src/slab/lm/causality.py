@@ -17,9 +17,10 @@ __all__ = ["future_leak"]
 
 @torch.no_grad()
 def future_leak(model: nn.Module, input_ids: torch.Tensor, position: int, training: bool = True,
-                seed: int = 0) -> float:
+                seed: int = 0, replacement: torch.Tensor | None = None) -> float:
     """Max relative change of the logits at positions ``<= position`` when every token after ``position``
-    is replaced by a random one (``max|dl| / max|l|``; 0 means exactly causal).
+    is replaced by a random one, or by the tokens of ``replacement`` (same shape; e.g. other text)
+    (``max|dl| / max|l|``; 0 means exactly causal).
 
     ``model`` is run on a copy (training mode updates BN running statistics), with ``training`` selecting
     train or eval mode. ``input_ids`` ``[B, T]`` with ``0 <= position < T - 1``.
@@ -30,7 +31,10 @@ def future_leak(model: nn.Module, input_ids: torch.Tensor, position: int, traini
     g = torch.Generator().manual_seed(seed)
     other = input_ids.clone()
     tail = other[:, position + 1:]
-    other[:, position + 1:] = torch.randint(0, net.config.vocab_size, tail.shape, generator=g).to(other.device)
+    if replacement is not None:
+        other[:, position + 1:] = replacement[:, position + 1:].to(other.device)
+    else:
+        other[:, position + 1:] = torch.randint(0, net.config.vocab_size, tail.shape, generator=g).to(other.device)
     ref = net(input_ids=input_ids, use_cache=False).logits[:, : position + 1]
     net = copy.deepcopy(model).train(training)  # same running statistics as the first call
     out = net(input_ids=other, use_cache=False).logits[:, : position + 1]
