@@ -1,6 +1,7 @@
 """Run the full ``slab bench`` suite and refresh the result tables of docs/benchmarks.md.
 
     .venv/bin/python benchmarks/bench_deploy.py [--threads 1] [--quick]
+    .venv/bin/python benchmarks/bench_deploy.py --render benchmarks/results/bench.json   # tables only
 
 Results (``bench.json``, ``bench.md``, ``attention_latency.png``) go to ``benchmarks/results/``; the
 generated tables replace the block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in
@@ -23,15 +24,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads")
     parser.add_argument("--quick", action="store_true", help="the --quick suite (for trying this script)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="do not measure: re-render the tables of an existing bench.json")
     args = parser.parse_args()
 
     import torch
 
     from slab.bench.run import FULL, QUICK, render_markdown, run_bench
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_bench(QUICK() if args.quick else FULL(), args.output)
-    plot = args.output / "attention_latency.png"
+    if args.render:
+        import json
+        result = json.loads(args.render.read_text())
+        (args.render.parent / "bench.md").write_text(render_markdown(result))
+        plot = args.render.parent / "attention_latency.png"
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_bench(QUICK() if args.quick else FULL(), args.output)
+        plot = args.output / "attention_latency.png"
     if plot.is_file():
         (ROOT / "docs" / "img").mkdir(exist_ok=True)
         shutil.copyfile(plot, ROOT / "docs" / "img" / "attention_latency.png")
