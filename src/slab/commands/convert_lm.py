@@ -90,7 +90,7 @@ def run(args) -> int:
     cfg = TrainLMConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         warmup_steps=max(1, args.steps // 20), min_lr_ratio=0.1, weight_decay=0.0,
                         prepbn_warmup=args.prepbn_warmup, prepbn_transition=args.prepbn_transition,
-                        bn_init=args.bn_init, recalibrate_batches=args.recalibrate_batches,
+                        bn_init=args.bn_init,
                         save_every=max(10, args.steps // 4), amp=args.amp, seed=args.seed,
                         train_params=args.train_params)
     t0 = time.time()

@@ -100,7 +100,7 @@ def run(args) -> int:
     cfg = TrainLMConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         warmup_steps=args.warmup, weight_decay=args.weight_decay, prepbn_warmup=args.prepbn_warmup,
                         prepbn_transition=args.prepbn_transition, bn_init=args.bn_init,
-                        recalibrate_batches=args.recalibrate_batches, eval_every=args.eval_every,
+                        eval_every=args.eval_every,
                         save_every=args.save_every, amp=args.amp, seed=args.seed)
     summary = train_lm(model, train_ids, cfg, out, train_mask=train_mask, eval_ids=eval_ids, eval_mask=eval_mask,
                        resume=not args.no_resume, log=log, progress=not args.no_progress)

@@ -13,7 +13,6 @@ a LLaMA checkpoint converts by copying (:meth:`SlabLlamaForCausalLM.from_llama`)
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn as nn
@@ -264,7 +263,7 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
         if norm not in ("rmsnorm", "prepbn"):
             raise ValueError(f"from_llama supports norm='rmsnorm' or 'prepbn' (got {norm!r}); 'repbn' would drop "
                              f"the RMSNorm gains and 'none' is what slab.fuse returns after training")
-        if not isinstance(llama, LlamaForCausalLM) and type(llama).__name__ != "LlamaForCausalLM":
+        if not isinstance(llama, LlamaForCausalLM):
             raise ValueError(f"from_llama expects a transformers LlamaForCausalLM, got {type(llama).__name__}")
         src = llama.config.to_dict()
         for key in ("model_type", "architectures", "quantization_config", "_name_or_path", "transformers_version",
@@ -323,11 +322,3 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
             llama.tie_weights()
         return llama.to(next(self.parameters()).dtype)
 
-
-def check_prepbn_model(model: nn.Module) -> None:
-    """Warn when a PRepBN model is evaluated before its BN branches were trained (alpha and gamma still 0)."""
-    for name, m in model.named_modules():
-        if isinstance(m, RepBN) and not m.alpha.any() and not m.bn.weight.any():
-            warnings.warn(f"{name}: RepBN branch still at its zero initialisation; in eval this norm outputs "
-                          f"only its BN bias. Fine-tune with the PRepBN schedule first.", stacklevel=2)
-            return

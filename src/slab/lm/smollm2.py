@@ -42,6 +42,7 @@ def load_smollm2(with_tokenizer: bool = True, cache: bool = True):
     With ``cache``, loads the dequantized safetensors copy when it exists and writes it (atomically: a
     temporary directory renamed into place) when it does not.
     """
+    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     cached = smollm2_cache_dir()
@@ -49,7 +50,7 @@ def load_smollm2(with_tokenizer: bool = True, cache: bool = True):
     transformers.logging.set_verbosity_error()
     try:
         if cache and (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_float32())
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(cached) if with_tokenizer else None
             return model.eval(), tokenizer
         path = smollm2_path()
@@ -60,11 +61,6 @@ def load_smollm2(with_tokenizer: bool = True, cache: bool = True):
     finally:
         transformers.logging.set_verbosity(verbosity)
     return model.eval(), (tokenizer if with_tokenizer else None)
-
-
-def torch_float32():
-    import torch
-    return torch.float32
 
 
 def _write_cache(model, tokenizer, cached: Path) -> None:

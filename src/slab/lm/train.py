@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -237,14 +237,12 @@ class TrainLMConfig:
     prepbn_transition: float = 0.8      # PRepBN decay length T as a fraction of the total steps
     bn_init: str = "zero"               # 'zero' (authors) or 'fit' (least-squares fit to the RMSNorm branch)
     fit_batches: int = 4
-    recalibrate_batches: int = 16
     eval_every: int = 0                 # 0: only at the end
     save_every: int = 50
     amp: str = "none"                   # 'none' or 'bf16' (autocast)
     max_bad_steps: int = 20             # consecutive non-finite steps before aborting
     seed: int = 0
     train_params: str = "all"           # 'all' or 'no-embeddings' (freeze embed_tokens / lm_head)
-    extra: dict = field(default_factory=dict)
 
 
 class _Batches:
@@ -326,8 +324,8 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
     state = {"step": 0, "bad_steps": 0, "history": [], "eval": [], "fitted": False}
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
-        saved = {k: v for k, v in ck["train_config"].items() if k not in ("save_every", "eval_every", "extra")}
-        mine = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "eval_every", "extra")}
+        saved = {k: v for k, v in ck["train_config"].items() if k not in ("save_every", "eval_every")}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "eval_every")}
         if saved != mine:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
             raise ValueError(f"{ckpt_path} was written with another configuration {diff}; use a new --output "
