@@ -76,12 +76,26 @@ def test_refuses_normalization_and_leaves_no_file(tmp_path):
     ln = slab.create_model("slab_deit_nano_patch4_28", norm="ln").eval()
     with pytest.raises(ValueError, match="cannot be folded"):
         export_onnx(ln, path, input_size=(2, 1, 28, 28))
-    with pytest.raises(ExportError, match="LayerNormalization"):
+    with pytest.raises(ExportError, match=r"normalization modules: .*LayerNorm"):
         export_onnx(ln, path, input_size=(2, 1, 28, 28), fuse=False)
-    assert list(tmp_path.iterdir()) == []
-    # An unfused PRepBN model exported as is keeps its BatchNorm: refused as well.
-    with pytest.raises(ExportError, match="still normalizes"):
+    # An unfused PRepBN model exported as is: refused as well (it would export as an unfolded affine).
+    with pytest.raises(ExportError, match=r"normalization modules: .*PRepBN"):
         export_onnx(_model("slab_deit_nano_patch4_28"), path, input_size=(2, 1, 28, 28), fuse=False)
+    assert list(tmp_path.iterdir()) == []
+
+    # A normalization hidden in functional code (no module to find) is caught node by node in the graph.
+    class Sneaky(nn.Module):
+        is_fused = True
+
+        def __init__(self):
+            super().__init__()
+            self.inner = slab.fuse(_model("slab_deit_nano_patch4_28"))
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(self.inner(x), (5,))
+
+    with pytest.raises(ExportError, match="still normalizes: .*LayerNormalization"):
+        export_onnx(Sneaky().eval(), path, input_size=(2, 1, 28, 28))
     assert list(tmp_path.iterdir()) == []
 
 

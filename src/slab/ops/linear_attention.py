@@ -68,6 +68,9 @@ def _relu_into(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     ``torch.relu`` would keep the strides of a permuted head view (``[B, N, H, d]`` memory), which the
     batched products then have to copy again: one pass instead of two.
     """
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export: ``out=`` is functionalized with the input's strides; plain ops.
+        return torch.relu(x).contiguous()
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return torch.clamp_min(x, 0.0, out=out)
@@ -88,15 +91,17 @@ class _LinearAttentionKVFirst(torch.autograd.Function):
         nk, dv = k.shape[2], v.shape[3]
         s = b * h
         buf = _relu_into(k)
-        kv, ks = _kv_state(buf.view(s, nk, d), v.reshape(s, nk, dv))
+        # reshape, not view: a view in eager (the buffers are contiguous), and exporters that
+        # functionalize ``out=`` may hand back other strides.
+        kv, ks = _kv_state(buf.reshape(s, nk, d), v.reshape(s, nk, dv))
         # relu(q) into the same buffer when it fits (self-attention); it is ours, so scaling its rows in
         # place by 1/den makes the last product the output: written once, contiguous.
-        qr = _relu_into(q, buf if q.shape == k.shape else None).view(s, nq, d)
+        qr = _relu_into(q, buf if q.shape == k.shape else None).reshape(s, nq, d)
         qr.div_(_denominator(qr, ks, eps))
         out = torch.bmm(qr, kv)
         ctx.save_for_backward(q, k, v, kv, ks)
         ctx.eps = eps
-        return out.view(b, h, nq, dv)
+        return out.reshape(b, h, nq, dv)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -111,7 +116,7 @@ class _LinearAttentionKVFirst(torch.autograd.Function):
             # out = num / den with num = qr kv, den = qr ks + eps, gd = grad / den:
             #   d qr = gd kv^T - s ks^T  with  s = gd . out = (qr . (gd kv^T)) / den   (row-wise dots)
             #   d kv = qr^T gd,  d ks = -qr^T s,  d kr = v d kv^T + d ks^T,  d v = kr d kv
-            qr = _relu_into(q).view(s_, nq, d)                    # buffer A
+            qr = _relu_into(q).reshape(s_, nq, d)                    # buffer A
             den = _denominator(qr, ks, ctx.eps)
             gd = grad / den                                       # buffer B
             g_kv = torch.bmm(gd, kv.transpose(1, 2))              # buffer C: [S, Nq, D]
@@ -133,7 +138,7 @@ class _LinearAttentionKVFirst(torch.autograd.Function):
                     dk = torch.ops.aten.threshold_backward.grad_input(a4, k, 0.0, grad_input=a4)
                 if need_v:
                     kr = _relu_into(k, gd.view(k.shape) if gd.shape == (s_, nk, d) else None)  # reuse B
-                    dv_ = torch.bmm(kr.view(s_, nk, d), dkv).view(b, h, nk, dv)
+                    dv_ = torch.bmm(kr.reshape(s_, nk, d), dkv).view(b, h, nk, dv)
         return dq, dk, dv_, None
 
 

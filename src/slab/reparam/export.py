@@ -296,6 +296,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             model = fuse_model(model)
     elif model.training:
         model = copy.deepcopy(model).eval()
+    if require_norm_free:
+        from .fuse import remaining_norms
+        left = remaining_norms(model)
+        if left:
+            # An eval BN/RepBN would export as a constant per-channel Mul/Add (no norm node, but not folded):
+            # refuse structurally, before exporting.
+            raise ExportError(f"the model still has normalization modules: {', '.join(left[:5])}"
+                              + ("" if len(left) <= 5 else f" (+{len(left) - 5} more)")
+                              + ". Export a fused model (slab.fuse, or fuse=True).")
     b, c, h, w = (int(v) for v in input_size)
     g = torch.Generator().manual_seed(seed)
     # torch.export specialises a dimension of size 1: trace a dynamic batch with at least 2.
