@@ -102,6 +102,7 @@ def run(args) -> int:
 
     import slab
     from ..bench.latency import count_params, model_latency
+    from ..bench.models import build_norm_form
     from ..reparam.export import compare_outputs, save_fused
     from ..reparam.fuse import default_statistics_paths
 
@@ -143,7 +144,7 @@ def run(args) -> int:
         models = {"unfused": model, "fused": fused}
         for label, norm in forms.items():
             try:
-                models[label] = slab.create_model(args.model, **{**kwargs, "norm": norm}).eval()
+                models[label] = build_norm_form(args.model, norm, **kwargs).eval()
             except (TypeError, ValueError) as e:
                 print(f"  ({label} not available for {args.model}: {e})")
         x = torch.randn(args.latency_batch, *shape)
