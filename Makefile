@@ -68,7 +68,7 @@ LM_ARGS ?=
 demo-lm: setup lm-data
 	$(VENV)/bin/slab convert-lm --output $(LM_OUT) --no-resume $(LM_ARGS)
 
-test: setup data
+test: setup data lm-data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: setup
