@@ -27,8 +27,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--prepbn-warmup", type=int, default=0)
     p.add_argument("--prepbn-transition", type=float, default=0.7, help="fraction of --steps")
-    p.add_argument("--bn-init", default="fit", choices=["zero", "fit"],
-                   help="fit (default): RepBN branches start as the best affine fit of their RMSNorm; zero: authors'")
+    p.add_argument("--bn-init", default="zero", choices=["zero", "fit"],
+                   help="zero (default, the authors'): RepBN branches start at 0; fit: the least-squares affine fit of "
+                        "their RMSNorm (diverged on SmolLM2 in the short demo, see docs/language_models.md)")
     p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running"])
     p.add_argument("--train-params", default="no-embeddings", choices=["all", "no-embeddings"],
                    help="no-embeddings freezes the (tied) 28M-parameter embedding/lm_head: faster on CPU")
