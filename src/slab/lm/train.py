@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..train.checkpoint import atomic_save
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -179,23 +181,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
     A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -80,5 +80,17 @@ def authors_ln_eps(constructor: dict, default: float) -> float:
     return float(m.group(1)) if m else default
 
 
-__all__ = ["AUTHORS_SCHEDULE_BUFFERS", "unwrap_checkpoint", "remap_norm_keys", "drop_keys", "authors_norm_kind",
+RELEASE_URL = "https://github.com/xinghaochen/SLAB/releases/download/ckpts/"
+
+
+def authors_cfg(file: str | None, first_conv: str, crop_pct: float, pool_size=None, **kwargs) -> dict:
+    """A timm pretrained_cfg for an ImageNet model of the paper; ``file`` is the authors' release, if any."""
+    return {"url": RELEASE_URL + file if file else "", "file": file, "num_classes": 1000, "input_size": (3, 224, 224),
+            "pool_size": pool_size, "crop_pct": crop_pct, "interpolation": "bicubic",
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": first_conv,
+            "classifier": "head", "paper_ids": "arXiv:2405.11582", "origin_url": "https://github.com/xinghaochen/SLAB",
+            **kwargs}
+
+
+__all__ = ["authors_cfg", "RELEASE_URL", "AUTHORS_SCHEDULE_BUFFERS", "unwrap_checkpoint", "remap_norm_keys", "drop_keys", "authors_norm_kind",
            "authors_ln_eps", "RepBN"]

@@ -33,7 +33,7 @@ from ..layers.attention import dwc_on_values, merge_heads, resize_positional_enc
 from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
-from ._authors import authors_ln_eps, authors_norm_kind, remap_norm_keys
+from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input
 
 __all__ = ["CSwinTransformer", "checkpoint_filter_fn"]
@@ -482,12 +482,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CSwinTransf
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:
-    return {
-        "url": "https://github.com/xinghaochen/SLAB/releases/download/ckpts/" + file if file else "",
-        "file": file, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "stage1_conv_embed.0", "classifier": "head", "paper_ids": "arXiv:2405.11582",
-        "origin_url": "https://github.com/xinghaochen/SLAB", **kwargs}
+    return authors_cfg(file, **{"first_conv": "stage1_conv_embed.0", "crop_pct": 0.9, "pool_size": None, **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -38,7 +38,7 @@ from ..layers.attention import dwc_on_values, merge_heads, resize_positional_enc
 from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import fold_into_consumers, fold_into_producer
-from ._authors import authors_ln_eps, authors_norm_kind, remap_norm_keys
+from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "SpatialReductionLinearAttention",
@@ -427,12 +427,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:
-    return {
-        "url": "https://github.com/xinghaochen/SLAB/releases/download/ckpts/" + file if file else "",
-        "file": file, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed1.proj", "classifier": "head", "paper_ids": "arXiv:2405.11582",
-        "origin_url": "https://github.com/xinghaochen/SLAB", **kwargs}
+    return authors_cfg(file, **{"first_conv": "patch_embed1.proj", "crop_pct": 0.9, "pool_size": None, **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

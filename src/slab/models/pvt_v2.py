@@ -23,7 +23,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer
-from ._authors import remap_norm_keys
+from ._authors import authors_cfg, remap_norm_keys
 from ._builder import build_slab_model, check_image_input
 from .pvt import Block, authors_args, parse_attn_type, parse_ratios, resize_checkpoint_encodings, stage_input_multiple
 
@@ -242,11 +242,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed1.proj", "classifier": "head", "paper_ids": "arXiv:2405.11582",
-        "origin_url": "https://github.com/xinghaochen/SLAB", **kwargs}
+    return authors_cfg(None, **{"first_conv": "patch_embed1.proj", "crop_pct": 0.9, "pool_size": None, **kwargs})
 
 
 _VARIANTS = {

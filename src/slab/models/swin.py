@@ -45,7 +45,7 @@ from timm.models._features import feature_take_indices
 from ..layers.attention import SimplifiedLinearAttention, resize_positional_encoding
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
-from ._authors import authors_ln_eps, authors_norm_kind, drop_keys, remap_norm_keys
+from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, drop_keys, remap_norm_keys
 from ._builder import build_slab_model, check_image_input
 
 __all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging", "checkpoint_filter_fn",
@@ -550,12 +550,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SlabSwinTra
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:
-    return {
-        "url": "https://github.com/xinghaochen/SLAB/releases/download/ckpts/" + file if file else "",
-        "file": file, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj", "classifier": "head", "paper_ids": "arXiv:2405.11582",
-        "origin_url": "https://github.com/xinghaochen/SLAB", **kwargs}
+    return authors_cfg(file, **{"first_conv": "patch_embed.proj", "crop_pct": 0.875, "pool_size": (7, 7), **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
