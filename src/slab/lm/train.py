@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from ..train.checkpoint import atomic_save
 import torch.distributed as dist
 import torch.nn as nn
 
 from ..layers.norm import PRepBN, RepBN
 from ..schedule import PRepBNSchedule
+from ..train.checkpoint import atomic_save
 
 __all__ = ["TrainLMConfig", "train_lm", "perplexity", "fit_bn_to_ln", "recalibrate_bn", "save_checkpoint",
            "load_checkpoint", "init_distributed"]
