@@ -12,6 +12,7 @@ from typing import Callable
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 
 from ._authors import unwrap_checkpoint
@@ -21,6 +22,15 @@ def build_slab_model(model_cls: type, variant: str, pretrained: bool, filter_fn:
     """``timm.build_model_with_cfg`` with our checkpoint filter (for timm's own ``pretrained=True`` path)."""
     kwargs.setdefault("feature_cfg", dict(feature_cls="getter")) if kwargs.get("features_only") else None
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+
+
+def init_linear_layers(model: nn.Module, std: float = 0.02) -> None:
+    """The ViT initialisation every family uses: Linear weights truncated normal (std 0.02), biases 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def check_image_input(x: torch.Tensor, in_chans: int, multiple_of: int = 1, model: nn.Module | None = None,

@@ -34,7 +34,7 @@ from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
-from ._builder import build_slab_model, check_image_input
+from ._builder import build_slab_model, check_image_input, init_linear_layers
 
 __all__ = ["CSwinTransformer", "checkpoint_filter_fn"]
 
@@ -354,14 +354,7 @@ class CSwinTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stage{i + 1}") for i in range(4)]
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_linear_layers(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -21,7 +21,7 @@ from ..layers.attention import SimplifiedLinearAttention, SoftmaxAttention
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
-from ._builder import build_slab_model, check_image_input
+from ._builder import build_slab_model, check_image_input, init_linear_layers
 
 __all__ = ["SlabVisionTransformer", "checkpoint_filter_fn"]
 
@@ -126,11 +126,7 @@ class SlabVisionTransformer(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_layers(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

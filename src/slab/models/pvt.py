@@ -39,7 +39,7 @@ from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import fold_into_consumers, fold_into_producer
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
-from ._builder import build_slab_model, check_image_input
+from ._builder import build_slab_model, check_image_input, init_linear_layers
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "SpatialReductionLinearAttention",
            "checkpoint_filter_fn", "parse_attn_type", "parse_ratios"]
@@ -323,11 +323,7 @@ class PyramidVisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         for i in range(self.num_stages):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_layers(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer
 from ._authors import authors_cfg, remap_norm_keys
-from ._builder import build_slab_model, check_image_input
+from ._builder import build_slab_model, check_image_input, init_linear_layers
 from .pvt import Block, authors_args, parse_attn_type, parse_ratios, resize_checkpoint_encodings, stage_input_multiple
 
 __all__ = ["PyramidVisionTransformerV2", "checkpoint_filter_fn"]
@@ -147,11 +146,7 @@ class PyramidVisionTransformerV2(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_layers(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -46,7 +46,7 @@ from ..layers.attention import SimplifiedLinearAttention, resize_positional_enco
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, drop_keys, remap_norm_keys
-from ._builder import build_slab_model, check_image_input
+from ._builder import build_slab_model, check_image_input, init_linear_layers
 
 __all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging", "checkpoint_filter_fn",
            "parse_attn_type"]
@@ -420,11 +420,7 @@ class SlabSwinTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_layers(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
