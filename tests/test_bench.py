@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import slab
-from slab.bench.attention import attention_by_tokens, plot_attention_by_tokens, sla_op_speed
+from slab.bench.attention import attention_by_tokens, plot_attention_by_tokens, sla_gpu_by_tokens, sla_op_speed
 from slab.bench.latency import count_gflops, count_params
 from slab.bench.machine import machine_info
 from slab.bench.models import FAMILY_MODELS, build_forms, build_norm_form, bench_model
 from slab.bench.norms import model_training_cost, norm_training_cost
-from slab.bench.run import render_markdown
+from slab.bench.run import _sla_gpu_markdown, render_markdown
 from slab.bench.timing import compare, time_fn
 from slab.reparam.fuse import remaining_norms
 
@@ -66,6 +66,17 @@ def test_attention_and_sla_sections(tmp_path):
     assert {"SLA (fast)", "softmax (SDPA)", "SLA (einsum)"} <= set(a["rows"][0])
     path = plot_attention_by_tokens(a, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000 and path.endswith("p.png")
+
+
+def test_sla_gpu_section_skips_without_a_gpu_and_renders():
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in sla_gpu_by_tokens((16,))["skipped"]
+    assert "Skipped: why." in "\n".join(_sla_gpu_markdown({"skipped": "why"}))
+    ms = {"SLA torch": 2.0, "SLA triton": 1.0, "softmax (SDPA)": 3.0}
+    row = {"tokens": 196, "dtype": "float16", "forward_ms": ms, "forward_backward_ms": ms,
+           "triton_rel_error_vs_reference": 1e-4}
+    text = "\n".join(_sla_gpu_markdown({"gpu": "G", "batch": 8, "heads": 3, "head_dim": 32, "rows": [row]}))
+    assert "| float16 | 196 | 2.000 | 1.000 | 3.000 |" in text and "1.0e-04" in text
 
 
 def test_norm_and_training_sections():

@@ -5,6 +5,9 @@
   bound of reading q, k, v once and writing the output once (bandwidth measured with a large copy).
 * :func:`attention_by_tokens`: latency of SLA (fast op), softmax (``F.scaled_dot_product_attention``)
   and the einsum form as the token count grows (196 ... 12544), forward only, with a plot.
+* :func:`sla_gpu_by_tokens`: on a CUDA GPU, the SLA op's torch and Triton paths against softmax
+  (SDPA) by token count in float16 / bfloat16, forward and forward + backward (issue 16); on a machine
+  without one it returns why it was skipped.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from ..ops.linear_attention import linear_attention
 from ..ops.naive import linear_attention_reference
 from .timing import compare
 
-__all__ = ["copy_bandwidth", "sla_op_speed", "attention_by_tokens", "plot_attention_by_tokens"]
+__all__ = ["copy_bandwidth", "sla_op_speed", "attention_by_tokens", "plot_attention_by_tokens", "sla_gpu_by_tokens"]
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
@@ -109,3 +112,60 @@ def plot_attention_by_tokens(result: dict, path: str, title: str | None = None) 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- GPU: torch vs Triton vs SDPA
+def _gpu_unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible: run `slab bench --sections sla_gpu` on a machine with one"
+    try:
+        from ..ops import triton_linear_attention  # noqa: F401
+    except ImportError as e:
+        return f"triton cannot be imported: {e}"
+    return None
+
+
+_GPU_CANDIDATES = {"SLA torch": lambda q, k, v: linear_attention(q, k, v, impl="torch"),
+                   "SLA triton": lambda q, k, v: linear_attention(q, k, v, impl="triton"),
+                   "softmax (SDPA)": _softmax}
+
+
+def _gpu_row(n: int, dtype: torch.dtype, batch: int, heads: int, head_dim: int, repeats: int,
+             max_time: float | None) -> dict:
+    """Forward and forward + backward ms of each candidate at one token count, and the Triton error."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g, device="cuda", dtype=dtype) for _ in range(3))
+    grad = torch.randn_like(q)
+    ops = _GPU_CANDIDATES
+    with torch.no_grad():
+        fwd = compare({name: (lambda op=op: op(q, k, v)) for name, op in ops.items()},
+                      repeats=repeats, max_time=max_time, device="cuda")
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def step(op):
+        return lambda: torch.autograd.grad(op(qg, kg, vg), (qg, kg, vg), grad)
+
+    fb = compare({name: step(op) for name, op in ops.items()}, repeats=repeats, max_time=max_time, device="cuda")
+    ref = linear_attention_reference(q.float(), k.float(), v.float())
+    err = (ops["SLA triton"](q, k, v).float() - ref).abs().max().item() / ref.abs().max().item()
+    return {"tokens": n, "dtype": str(dtype).removeprefix("torch."),
+            "forward_ms": {name: t.robust * 1e3 for name, t in fwd.items()},
+            "forward_backward_ms": {name: t.robust * 1e3 for name, t in fb.items()},
+            "triton_rel_error_vs_reference": err}
+
+
+def sla_gpu_by_tokens(tokens: tuple[int, ...] = (196, 784, 3136, 12544), batch: int = 8, heads: int = 3,
+                      head_dim: int = 32, dtypes: tuple[str, ...] = ("float16", "bfloat16"), repeats: int = 50,
+                      max_time: float | None = 20.0) -> dict:
+    """GPU latency (ms) of SLA (``impl='torch'`` and ``'triton'``) and softmax attention (SDPA) by token count.
+
+    Forward and forward + backward for each dtype, timed with a device sync after every call; each row also
+    records the Triton output's error relative to the float32 reference. Returns ``{"skipped": why}`` when
+    there is no CUDA GPU or no Triton.
+    """
+    why = _gpu_unavailable()
+    if why is not None:
+        return {"skipped": why}
+    rows = [_gpu_row(n, getattr(torch, dt), batch, heads, head_dim, repeats, max_time) for dt in dtypes for n in tokens]
+    return {"batch": batch, "heads": heads, "head_dim": head_dim, "unit": "ms", "gpu": torch.cuda.get_device_name(0),
+            "rows": rows}

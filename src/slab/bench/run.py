@@ -13,7 +13,7 @@ from .machine import machine_info
 
 __all__ = ["BenchConfig", "QUICK", "FULL", "run_bench", "render_markdown"]
 
-SECTIONS = ("sla", "attention", "norms", "training", "models")
+SECTIONS = ("sla", "attention", "norms", "training", "models", "sla_gpu")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class BenchConfig:
     sla_shape: tuple[int, int, int, int] = (8, 3, 3136, 32)      # batch, heads, tokens, head_dim
     sla_repeats: int = 20
     tokens: tuple[int, ...] = (196, 784, 3136, 12544)
+    gpu_tokens: tuple[int, ...] = (196, 784, 3136, 12544)       # sla_gpu: skipped without a CUDA GPU
     attention_batch: int = 1
     attention_repeats: int = 10
     norm_shape: tuple[int, int, int] = (64, 197, 384)            # SLAB-DeiT-S block input at batch 64
@@ -97,6 +98,12 @@ def run_bench(cfg: BenchConfig, output: str | os.PathLike, log=print) -> dict:
         for row in result["attention"]["rows"]:
             log(f"   N={row['tokens']:6d}: softmax / SLA = {row['softmax_over_sla']:.2f}")
         save()
+    if "sla_gpu" in cfg.sections:
+        log(f"== SLA torch vs Triton vs SDPA on the GPU, N = {cfg.gpu_tokens}")
+        result["sla_gpu"] = attention.sla_gpu_by_tokens(cfg.gpu_tokens)
+        if "skipped" in result["sla_gpu"]:
+            log(f"   skipped: {result['sla_gpu']['skipped']}")
+        save()
     if "norms" in cfg.sections:
         log(f"== norm training cost on {cfg.norm_shape}")
         result["norms"] = norms.norm_training_cost(cfg.norm_shape, repeats=cfg.norm_repeats)
@@ -138,6 +145,21 @@ def _f(v: float, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+def _sla_gpu_markdown(r: dict) -> list[str]:
+    title = "### SLA torch vs Triton vs softmax (SDPA) on the GPU"
+    if "skipped" in r:
+        return [title, "", f"Skipped: {r['skipped']}.", ""]
+    names = list(r["rows"][0]["forward_ms"])
+    header = [f"{n} fwd" for n in names] + [f"{n} fwd+bwd" for n in names] + ["Triton rel. error"]
+    lines = [f"{title} ({r['gpu']}; batch {r['batch']}, {r['heads']} heads x {r['head_dim']}, ms)", "",
+             "| dtype | N | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
+    for row in r["rows"]:
+        lines.append(f"| {row['dtype']} | {row['tokens']} | " + " | ".join(_f(row["forward_ms"][n], 3) for n in names)
+                     + " | " + " | ".join(_f(row["forward_backward_ms"][n], 3) for n in names)
+                     + f" | {row['triton_rel_error_vs_reference']:.1e} |")
+    return lines + [""]
+
+
 def render_markdown(result: dict, plot_path: str | None = None) -> str:
     """The result tables as markdown (what docs/benchmarks.md holds)."""
     m = result["machine"]
@@ -171,6 +193,8 @@ def render_markdown(result: dict, plot_path: str | None = None) -> str:
         if plot_path or result.get("attention_plot"):
             lines += ["", f"![latency against N]({plot_path or Path(result['attention_plot']).name})"]
         lines.append("")
+    if "sla_gpu" in result:
+        lines += _sla_gpu_markdown(result["sla_gpu"])
     if "norms" in result:
         r = result["norms"]
         lines += [f"### Norm training cost, forward + backward on {tuple(r['shape'])} (ms)", "",

@@ -17,6 +17,9 @@ faster than the plain einsum chain:
   kernel is unbounded and the sums over N overflow in half precision. Half-precision inputs are cast
   once and the output is cast back to ``q``'s dtype.
 
+``impl='triton'`` (automatic for CUDA inputs) runs the fused Triton kernels of
+:mod:`slab.ops.triton_linear_attention` instead; the path described above is ``impl='torch'``.
+
 :func:`linear_attention_compiled` is an optional ``torch.compile`` path (needs a C++ compiler on
 CPU): inductor fuses the ReLUs, the normaliser and the division into the surrounding loops.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_attention", "linear_attention_compiled", "kv_first"]
+__all__ = ["linear_attention", "linear_attention_compiled", "kv_first", "IMPLS"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -150,7 +153,49 @@ def _qk_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> 
     return (scores @ v).div_(den)
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+IMPLS = (None, "torch", "triton")
+
+
+def _triton_module():
+    """``slab.ops.triton_linear_attention``, imported on first use (importing Triton is slow)."""
+    from . import triton_linear_attention
+    return triton_linear_attention
+
+
+_triton_ok: bool | None = None
+
+
+def _triton_importable() -> bool:
+    """Whether the kernels import (checked once); the automatic choice falls back to torch when not."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            _triton_module()
+            _triton_ok = True
+        except Exception:  # noqa: BLE001 - a missing or broken Triton install: use the torch path
+            _triton_ok = False
+    return _triton_ok
+
+
+def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """'triton' for CUDA inputs the kernels support (outside tracing and compiling), else 'torch'."""
+    if not q.is_cuda or not torch.cuda.is_available():
+        return "torch"
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return "torch"  # exporters and dynamo cannot see into the Triton launch
+    if not _triton_importable() or _triton_module().unsupported(q, k, v) is not None:
+        return "torch"
+    return "triton"
+
+
+def _resolve_impl(impl: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"linear_attention: impl must be one of None (automatic), 'torch', 'triton'; got {impl!r}")
+    return _auto_impl(q, k, v) if impl is None else impl
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
+                     impl: str | None = None) -> torch.Tensor:
     """SLA core: ``relu(q) (relu(k)^T v) / (relu(q) sum_j relu(k_j) + eps)``.
 
     Args:
@@ -158,12 +203,27 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
         k: ``[B, H, Nk, D]`` keys before the kernel (positional encoding already added).
         v: ``[B, H, Nk, Dv]`` values.
         eps: added to the normaliser (the authors use 1e-6).
+        impl: ``'torch'`` (batched products, any device and dtype), ``'triton'`` (the fused kernels of
+            :mod:`slab.ops.triton_linear_attention`: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
+            float32/float16/bfloat16, ``D, Dv <= 128``) or None: Triton for CUDA inputs it supports when Triton
+            imports, else torch.
 
     Returns:
-        ``[B, H, Nq, Dv]`` in ``q``'s dtype (computed in float32, or float64 for float64 input).
-        Differentiable in q, k and v.
+        ``[B, H, Nq, Dv]`` in ``q``'s dtype (state and normaliser in float32, or float64 for float64 input
+        on the torch path). Differentiable in q, k and v.
     """
     _check(q, k, v)
+    if _resolve_impl(impl, q, k, v) == "triton":
+        try:
+            kernels = _triton_module()
+        except ImportError as e:
+            raise RuntimeError(f"linear_attention(impl='triton') needs an importable triton package: {e}") from e
+        return kernels.linear_attention_triton(q, k, v, eps)
+    return _linear_attention_torch(q, k, v, eps)
+
+
+def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch path: computed in float32 (float64 for float64 input) with autocast off."""
     out_dtype = q.dtype
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
@@ -201,7 +261,7 @@ def linear_attention_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     global _compiled
     _check(q, k, v)
     if not kv_first(q.shape[2], k.shape[2], q.shape[3], v.shape[3]):
-        return linear_attention(q, k, v, eps)
+        return _linear_attention_torch(q, k, v, eps)
     if _compiled is None:
         _compiled = torch.compile(_composite, dynamic=None)
     with torch.autocast(device_type=q.device.type, enabled=False):
