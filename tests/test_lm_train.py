@@ -203,3 +203,62 @@ def test_train_lm_ddp_two_processes(corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["steps"] == 3 and math.isfinite(res["ppl_fused"])
+
+
+def test_calibrated_transition_starts_at_the_rmsnorm_model(corpus, tmp_path):
+    """bn_init='calibrate': when lam first drops, every RepBN is fitted (in forward order) to the model's own
+    RMSNorm form, so the abrupt switch keeps the logits close where the authors' zero branches give zeros."""
+    from slab.lm.convert import rmsnorm_form
+    from slab.lm.train import _initialise_bn_branches
+    _, ds, tok = corpus
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
+    logs = []
+    model = tiny_lm(tok)
+    cfg = TrainLMConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, prepbn_warmup=3, prepbn_transition=0.0,
+                        bn_init="calibrate", fit_batches=2, save_every=100)
+    res = train_lm(model, blocks, cfg, tmp_path / "a", progress=False, log=logs.append)
+    assert any("step 3:" in line and "bn_init='calibrate'" in line for line in logs), logs
+    assert [h["lam"] for h in res["history"]] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    teacher = rmsnorm_form(model)
+    _initialise_bn_branches(model, "calibrate", [(blocks[i * 8:(i + 1) * 8], None) for i in range(2)])
+    probe = blocks[16:24]
+    with torch.no_grad():
+        ref = teacher(input_ids=probe).logits
+        got = model.eval()(input_ids=probe).logits
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 0.3, rel  # the authors' zero branches give zero logits: relative error 1
+
+
+@pytest.mark.parametrize("case", ["empty", "one-entry", "warmup", "short-steps", "output-file", "tiny-text"])
+def test_train_lm_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, tmp_path, capsys):
+    from slab.cli import main
+    d, _, _ = corpus
+    text, out, extra = d, tmp_path / "run", []
+    if case == "empty":
+        text = tmp_path / "empty.txt"
+        text.write_text("   \n\n  \n")
+        want = "0 entries"
+    elif case == "one-entry":
+        text = tmp_path / "one.txt"
+        text.write_text("Just one line of text.\n")
+        want = "1 entry"
+    elif case == "warmup":
+        extra = ["--warmup", "10"]
+        want = "never reach"
+    elif case == "short-steps":
+        extra = ["--prepbn-warmup", "8"]
+        want = "after training"
+    elif case == "output-file":
+        out.write_text("not a directory")
+        want = "not a directory"
+    else:
+        text = tmp_path / "tiny.txt"
+        text.write_text("\n\n".join(f"Word {i}." for i in range(20)))  # a held-out entry shorter than a block
+        want = "too short"
+    args = ["train-lm", "--text", str(text), "--output", str(out), "--steps", "4", "--batch-size", "4",
+            "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab-size", "300", "--seq-len", "16",
+            "--warmup", "1", "--no-progress", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err
+    assert out.is_file() if case == "output-file" else not out.exists()

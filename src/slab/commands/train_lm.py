@@ -20,8 +20,10 @@ def register(sub) -> None:
     p.add_argument("--norm", default="prepbn", choices=["rmsnorm", "prepbn", "repbn"])
     p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running"],
                    help="BN statistics in training: batch (authors'; leaks future tokens), causal (prefix), running")
-    p.add_argument("--bn-init", default="zero", choices=["zero", "fit"],
+    p.add_argument("--bn-init", default="zero", choices=["zero", "fit", "calibrate"],
                    help="RepBN branch init: zero (authors') or fit to the RMSNorm branch when lam starts to decay")
+    p.add_argument("--bn-consistency", type=float, default=0.0,
+                   help="weight of the branch-consistency loss (RepBN branch vs detached RMSNorm branch) in the transition")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -37,7 +39,10 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=20, help="LR warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--prepbn-warmup", type=int, default=0, help="steps with lam = 1 (RMSNorm only)")
+    p.add_argument("--prepbn-warmup", type=int, default=None,
+                   help="steps with lam = 1 (RMSNorm only); default: --prepbn-warmup-fraction of --steps")
+    p.add_argument("--prepbn-warmup-fraction", type=float, default=0.0,
+                   help="steps with lam = 1 as a fraction of --steps")
     p.add_argument("--prepbn-transition", type=float, default=0.8,
                    help="PRepBN decay length as a fraction of --steps (warm-up + transition must fit in --steps)")
     p.add_argument("--recalibrate-batches", type=int, default=16)
@@ -53,6 +58,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_args(args) -> None:
+    """Settings that cannot train as asked: refused before anything is read or written."""
+    from slab.schedule import PRepBNSchedule
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup >= args.steps:
+        raise ValueError(f"--warmup {args.warmup} (LR warm-up steps) is not shorter than --steps {args.steps}: the "
+                         f"learning rate would never reach --lr {args.lr}; use --warmup < --steps")
+    if args.norm == "prepbn":
+        PRepBNSchedule(None, args.steps, warmup_steps=prepbn_warmup_steps(args),
+                       transition_fraction=args.prepbn_transition)  # raises if the transition ends after training
+
+
+def prepbn_warmup_steps(args) -> int:
+    """--prepbn-warmup in steps, or --prepbn-warmup-fraction of --steps."""
+    if args.prepbn_warmup is not None:
+        return args.prepbn_warmup
+    return int(round(args.prepbn_warmup_fraction * args.steps))
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -62,13 +87,16 @@ def run(args) -> int:
     from slab.lm import SlabLlamaConfig, SlabLlamaForCausalLM, data
     from slab.lm.train import TrainLMConfig, init_distributed, perplexity, recalibrate_bn, train_lm
 
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed()
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} exists and is not a directory")
     log = print if rank == 0 else (lambda *a, **k: None)
 
+    # Everything that can fail on bad input runs before --output is created.
     ds = data.load_text(args.text, held_out=args.held_out, seed=args.seed)
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").exists() and not args.no_resume:
@@ -76,15 +104,23 @@ def run(args) -> int:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
         tokenizer = data.train_tokenizer(ds["train"]["text"], vocab_size=args.vocab_size)
-        if rank == 0:
-            tokenizer.save_pretrained(tok_dir)
-    if args.padding == "pack":
-        train_ids, train_mask = data.pack_tokens(tokenizer, ds["train"]["text"], args.seq_len), None
-        eval_ids, eval_mask = data.pack_tokens(tokenizer, ds["test"]["text"], args.seq_len,
-                                               max_blocks=args.eval_blocks), None
-    else:
-        train_ids, train_mask = data.pad_rows(tokenizer, ds["train"]["text"], args.seq_len)
-        eval_ids, eval_mask = data.pad_rows(tokenizer, ds["test"]["text"][: args.eval_blocks], args.seq_len)
+    try:
+        if args.padding == "pack":
+            train_ids, train_mask = data.pack_tokens(tokenizer, ds["train"]["text"], args.seq_len), None
+            eval_ids, eval_mask = data.pack_tokens(tokenizer, ds["test"]["text"], args.seq_len,
+                                                   max_blocks=args.eval_blocks), None
+        else:
+            train_ids, train_mask = data.pad_rows(tokenizer, ds["train"]["text"], args.seq_len)
+            eval_ids, eval_mask = data.pad_rows(tokenizer, ds["test"]["text"][: args.eval_blocks], args.seq_len)
+    except ValueError as e:
+        raise ValueError(f"--text is too short for --seq-len {args.seq_len}: {e}; give more text or a smaller "
+                         f"--seq-len") from None
+    if train_ids.shape[0] < args.batch_size * world:
+        raise ValueError(f"--text gives {train_ids.shape[0]} training sequences of {args.seq_len} tokens, fewer than "
+                         f"one batch ({args.batch_size} x {world}); give more text or a smaller --batch-size/--seq-len")
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (tok_dir / "tokenizer.json").exists():
+        tokenizer.save_pretrained(tok_dir)
     log(f"data: {train_ids.shape[0]} training / {eval_ids.shape[0]} held-out sequences of {args.seq_len} tokens, "
         f"vocabulary {len(tokenizer)}")
 
@@ -98,8 +134,9 @@ def run(args) -> int:
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, norm={args.norm}, "
         f"bn_stats={args.bn_stats}")
     cfg = TrainLMConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                        warmup_steps=args.warmup, weight_decay=args.weight_decay, prepbn_warmup=args.prepbn_warmup,
+                        warmup_steps=args.warmup, weight_decay=args.weight_decay, prepbn_warmup=prepbn_warmup_steps(args),
                         prepbn_transition=args.prepbn_transition, bn_init=args.bn_init,
+                        bn_consistency=args.bn_consistency,
                         eval_every=args.eval_every,
                         save_every=args.save_every, amp=args.amp, seed=args.seed)
     summary = train_lm(model, train_ids, cfg, out, train_mask=train_mask, eval_ids=eval_ids, eval_mask=eval_mask,
@@ -111,7 +148,8 @@ def run(args) -> int:
         return 0
     results = {"norm": args.norm, "bn_stats": args.bn_stats, "bn_init": args.bn_init, "steps": summary["step"],
                "bad_steps": summary["bad_steps"], "final_train_loss": summary["history"][-1]["loss"],
-               "train_tokens_per_s": summary["train_tokens_per_s"], "world_size": world}
+               "train_tokens_per_s": summary["train_tokens_per_s"], "world_size": world,
+               "history": summary["history"], "eval": summary["eval"]}
     if config.foldable:
         bs = args.batch_size
         n = recalibrate_bn(model, ((train_ids[i * bs:(i + 1) * bs].to(device),
@@ -127,5 +165,5 @@ def run(args) -> int:
         fused.save_pretrained(out / "fused")
         tokenizer.save_pretrained(out / "fused")
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    log(json.dumps(results, indent=2))
+    log(json.dumps({k: v for k, v in results.items() if k not in ("history", "eval")}, indent=2))
     return 0

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["TokenBatchNorm", "RepBN", "PRepBN", "ChannelAffine", "RMSNorm", "get_norm_layer",
-           "set_prepbn_lambda", "NORM_CHOICES"]
+           "set_prepbn_lambda", "record_branch_gaps", "pop_branch_gap", "NORM_CHOICES"]
 
 NORM_CHOICES = ("ln", "bn", "repbn", "prepbn", "none")
 _LAYOUTS = ("tokens", "channels")
@@ -249,6 +249,12 @@ class PRepBN(nn.Module):
         # the branch (warm-up / transition / done), both set by set_lambda().
         self.register_buffer("lam", torch.ones(()), persistent=False)
         self._lam = 1.0
+        # Branch consistency (opt-in, set by the training loop): while 0 < lam < 1 the forward stores
+        # ``branch_gap``, the relative squared distance of the RepBN branch from the (detached) LN branch.
+        # Penalising it makes the network reach a state where a per-channel affine map reproduces its LN,
+        # so removing the LN at the end of the transition changes (almost) nothing.
+        self.record_branch_gap = False
+        self.branch_gap: torch.Tensor | None = None
 
     @property
     def lam_value(self) -> float:
@@ -266,17 +272,36 @@ class PRepBN(nn.Module):
             return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.ln(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **repbn_kwargs) -> torch.Tensor:
+        """``repbn_kwargs`` go to the RepBN branch (the language models' ``first=`` token mask)."""
         if not self.training or self._lam <= 0.0:
-            return self.repbn(x, mask)
+            return self.repbn(x, mask, **repbn_kwargs)
         if self._lam >= 1.0:
             return self._layer_norm(x)
+        if self.record_branch_gap or repbn_kwargs:
+            return self._mix(x, mask, **repbn_kwargs)
         if isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
             # Transition: one fused LN + BN + alpha computation (hooks on self.ln do not fire here).
             self.repbn._check(x)
             return self.repbn.progressive(x, self.ln.weight, self.ln.bias, self.lam, self.ln.eps)
         lam = self.lam.to(x.dtype)
         return lam * self._layer_norm(x) + (1.0 - lam) * self.repbn(x, mask)
+
+    def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, **repbn_kwargs) -> torch.Tensor:
+        """The composed transition mix, recording ``branch_gap`` when asked to."""
+        ln_out = self._layer_norm(x)
+        bn_out = self.repbn(x, mask, **repbn_kwargs)
+        lam = self.lam.to(x.dtype)
+        if self.record_branch_gap:
+            self.branch_gap = self._gap(ln_out.detach(), bn_out, mask)
+        return lam * ln_out + (1.0 - lam) * bn_out
+
+    def _gap(self, target: torch.Tensor, bn_out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        err = (bn_out - target).pow(2).sum(-1 if self.layout == "tokens" else 1)
+        ref = target.pow(2).sum(-1 if self.layout == "tokens" else 1)
+        if mask is not None:
+            err, ref = err[mask], ref[mask]
+        return err.sum() / ref.sum().clamp_min(1e-12)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, lam={self._lam:.4g}"
@@ -328,6 +353,25 @@ class _ChannelLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def record_branch_gaps(model: nn.Module, on: bool = True) -> int:
+    """Make every :class:`PRepBN` of ``model`` record ``branch_gap`` in its transition forwards."""
+    norms = [m for m in model.modules() if isinstance(m, PRepBN)]
+    for m in norms:
+        m.record_branch_gap = on
+        m.branch_gap = None
+    return len(norms)
+
+
+def pop_branch_gap(model: nn.Module) -> torch.Tensor | None:
+    """Mean ``branch_gap`` over the PRepBNs that recorded one since the last call (cleared), or None."""
+    gaps = []
+    for m in model.modules():
+        if isinstance(m, PRepBN) and m.branch_gap is not None:
+            gaps.append(m.branch_gap)
+            m.branch_gap = None
+    return torch.stack(gaps).mean() if gaps else None
 
 
 def set_prepbn_lambda(model: nn.Module, value: float) -> int:

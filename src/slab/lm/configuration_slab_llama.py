@@ -31,6 +31,9 @@ class SlabLlamaConfig(LlamaConfig):
         well (the authors' language-model initialisation): the BN branch starts as the zero map and is
         learned while ``lam`` decays.
     bn_stats (`str`, defaults to "batch"): one of ``BN_STATS``.
+    first_token_affine (`bool`): each sequence's first token (the attention sink, whose residual stream is far
+        larger than the others' in pretrained LLaMAs) stays out of the BN statistics and gets its own
+        per-channel affine in every RepBN; after folding, a :class:`slab.lm.norm.FirstTokenAffine` on that token.
     folded_bias (`bool`): the consumers of folded norms (q/k/v, gate/up projections, lm_head) carry a bias.
         Set by :func:`slab.fuse`, together with ``norm='none'`` and ``tie_word_embeddings=False`` (folding the
         final norm into lm_head scales its columns, so it can no longer share the embedding matrix).
@@ -43,6 +46,7 @@ class SlabLlamaConfig(LlamaConfig):
     bn_momentum: float = 0.1
     repbn_alpha_init: float = 0.0
     bn_stats: str = "batch"
+    first_token_affine: bool = False
     folded_bias: bool = False
 
     def __post_init__(self, **kwargs):

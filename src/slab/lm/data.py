@@ -71,6 +71,11 @@ def load_text(source=None, held_out: float = 0.05, seed: int = 0, cache_dir: str
                         split="train")
     entries = docs.map(lambda batch: {"text": [e for d in batch["text"] for e in split_entries(d)]},
                        batched=True, remove_columns=docs.column_names)
+    n = len(entries)
+    if n < 2 or round(n * held_out) < 1 or n - round(n * held_out) < 1:
+        raise ValueError(f"text {source or FORTUNES_DIR} has {n} entr{'y' if n == 1 else 'ies'} (blank-line paragraphs "
+                         f"or %-separated entries): too few to hold out {held_out:.0%} for evaluation and train on the "
+                         f"rest; give more text")
     return entries.train_test_split(test_size=held_out, seed=seed, shuffle=True)
 
 

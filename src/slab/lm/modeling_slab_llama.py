@@ -25,9 +25,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
 
 from ..layers.norm import PRepBN, RepBN
-from ..reparam.fold import NotFoldableError, fold_into_consumers
+from ..reparam.fold import NotFoldableError
 from .configuration_slab_llama import SlabLlamaConfig
-from .norm import MASKED_NORMS, apply_norm, make_norm
+from .norm import MASKED_NORMS, apply_norm, fold_norm, make_norm
 
 __all__ = ["SlabLlamaDecoderLayer", "SlabLlamaPreTrainedModel", "SlabLlamaModel", "SlabLlamaForCausalLM"]
 
@@ -61,24 +61,25 @@ class SlabLlamaDecoderLayer(GradientCheckpointingLayer):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = False,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                token_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """``hidden_states`` ``[B, T, C]``; ``token_mask`` ``[B, T]`` bool (True = real token) for BN statistics."""
+                token_mask: torch.Tensor | None = None, first_token: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """``hidden_states`` ``[B, T, C]``; ``token_mask`` ``[B, T]`` bool (True = real token) for BN statistics;
+        ``first_token`` ``[B, T]`` bool marks each sequence's first token (``first_token_affine`` configs)."""
         residual = hidden_states
-        hidden_states = apply_norm(self.input_layernorm, hidden_states, token_mask)
+        hidden_states = apply_norm(self.input_layernorm, hidden_states, token_mask, first_token)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
                                           position_ids=position_ids, past_key_values=past_key_values,
                                           use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = apply_norm(self.post_attention_layernorm, hidden_states, token_mask)
+        hidden_states = apply_norm(self.post_attention_layernorm, hidden_states, token_mask, first_token)
         return residual + self.mlp(hidden_states)
 
     def fuse(self) -> "SlabLlamaDecoderLayer":
         """Fold ``input_layernorm`` into q/k/v and ``post_attention_layernorm`` into gate/up (eval form)."""
         attn, mlp = self.self_attn, self.mlp
-        self.input_layernorm = fold_into_consumers(self.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        self.post_attention_layernorm = fold_into_consumers(self.post_attention_layernorm,
-                                                            [mlp.gate_proj, mlp.up_proj])
+        self.input_layernorm = fold_norm(self.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.post_attention_layernorm = fold_norm(self.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
         for linear in self._consumers():
             _ensure_bias(linear)
         return self
@@ -102,6 +103,9 @@ class SlabLlamaPreTrainedModel(PreTrainedModel):
             init.constant_(module.alpha, self.config.repbn_alpha_init)
             init.zeros_(module.bn.weight)
             init.zeros_(module.bn.bias)
+            if getattr(module, "first_scale", None) is not None:
+                init.zeros_(module.first_scale)
+                init.zeros_(module.first_shift)
         elif isinstance(module, PRepBN):
             init.constant_(module.lam, module.lam_value)  # non-persistent buffer
 
@@ -146,6 +150,19 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
                              f"[{batch}, {length}]")
         return attention_mask[:, -length:].to(torch.bool)
 
+    def _first_token(self, attention_mask: torch.Tensor | None, batch: int, length: int, past_seen: int,
+                     device: torch.device) -> torch.Tensor | None:
+        """``[B, T]`` bool marking each row's first real token (``first_token_affine`` only; None when the input
+        continues a cached prefix, which holds that token). Left padding: the first position the mask keeps."""
+        if not self.config.first_token_affine or past_seen > 0:
+            return None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -length:].to(torch.bool)
+            start = real.to(torch.int8).argmax(dim=1)  # first True (0 for a row with none)
+        else:
+            start = torch.zeros(batch, dtype=torch.long, device=device)
+        return torch.arange(length, device=device).unsqueeze(0) == start.unsqueeze(1)
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
@@ -171,6 +188,7 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
                              f"but max_position_embeddings is {self.config.max_position_embeddings}; truncate the "
                              f"input or raise max_position_embeddings")
         token_mask = self._token_mask(attention_mask, batch, length)
+        first_token = self._first_token(attention_mask, batch, length, past_seen, inputs_embeds.device)
         causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
                                          attention_mask=attention_mask, past_key_values=past_key_values,
                                          position_ids=position_ids)
@@ -182,8 +200,9 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
                 all_hidden.append(hidden_states)
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
-                                  position_embeddings=position_embeddings, token_mask=token_mask, **kwargs)
-        hidden_states = apply_norm(self.norm, hidden_states, token_mask)
+                                  position_embeddings=position_embeddings, token_mask=token_mask,
+                                  first_token=first_token, **kwargs)
+        hidden_states = apply_norm(self.norm, hidden_states, token_mask, first_token)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         out = BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
@@ -240,7 +259,7 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
                                    f"folded; train with norm='prepbn' (see SlabLlamaForCausalLM.from_llama)")
         if self.lm_head.weight is self.model.embed_tokens.weight or self.config.tie_word_embeddings:
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
-        self.model.norm = fold_into_consumers(self.model.norm, [self.lm_head])
+        self.model.norm = fold_norm(self.model.norm, [self.lm_head])
         _ensure_bias(self.lm_head)
         self.config.norm = "none"
         self.config.folded_bias = True
@@ -303,6 +322,9 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
                     m.alpha.fill_(self.config.repbn_alpha_init)
                     m.bn.weight.zero_()
                     m.bn.bias.zero_()
+                    if getattr(m, "first_scale", None) is not None:
+                        m.first_scale.zero_()
+                        m.first_shift.zero_()
                     m.bn.reset_running_stats()
                 if isinstance(m, PRepBN):
                     m.set_lambda(1.0)

@@ -13,9 +13,10 @@ import torch.nn as nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..layers.norm import PRepBN, RepBN
+from ..reparam.fold import NotFoldableError, fold_into_consumers, norm_affine
 from .configuration_slab_llama import BN_STATS, SlabLlamaConfig
 
-__all__ = ["CausalRepBN", "make_norm", "MASKED_NORMS"]
+__all__ = ["CausalRepBN", "FirstTokenAffine", "make_norm", "fold_norm", "apply_norm", "MASKED_NORMS"]
 
 
 class CausalRepBN(RepBN):
@@ -30,11 +31,30 @@ class CausalRepBN(RepBN):
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, alpha_init: float = 0.0,
-                 stats: str = "batch"):
+                 stats: str = "batch", first_token_affine: bool = False):
         super().__init__(dim, eps=eps, momentum=momentum, layout="tokens", alpha_init=alpha_init)
         if stats not in BN_STATS:
             raise ValueError(f"stats must be one of {BN_STATS}, got {stats!r}")
         self.stats = stats
+        # The first token of a sequence attends only to itself and becomes the attention sink: pretrained
+        # LLaMAs give it a residual stream ~100x larger than the others', which no per-channel map shared
+        # with the other tokens can normalise. It gets its own per-channel affine (and stays out of the BN
+        # statistics); after folding that costs one elementwise op on one token per sequence, in prefill.
+        if first_token_affine:
+            self.first_scale = nn.Parameter(torch.zeros(dim))
+            self.first_shift = nn.Parameter(torch.zeros(dim))
+        else:
+            self.first_scale = self.first_shift = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, first: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``first`` (``[B, T]`` bool) marks each sequence's first token: it is left out of the statistics and,
+        with ``first_token_affine``, mapped by its own ``x * first_scale + first_shift``."""
+        if first is None or self.first_scale is None:
+            return super().forward(x, mask)
+        stats_mask = ~first if mask is None else (mask.to(torch.bool) & ~first)
+        y = super().forward(x, stats_mask)
+        return torch.where(first.unsqueeze(-1), x * self.first_scale + self.first_shift, y)
 
     def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
         # RepBN's fused kernels take batch statistics: causal/running training goes through batch_norm().
@@ -99,6 +119,40 @@ class CausalRepBN(RepBN):
 MASKED_NORMS = (PRepBN, RepBN)
 
 
+class FirstTokenAffine(nn.Module):
+    """What a folded norm with a first-token affine leaves behind: ``x * scale + shift`` on each sequence's
+    first token (``first`` mask), identity elsewhere and whenever ``first`` is None (decoding with a cache).
+
+    The consumers already hold the shared map ``x * s + t``; ``scale = s0 / s`` and ``shift = (t0 - t) / s`` turn
+    it into the first token's own ``x * s0 + t0``."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().clone())
+        self.shift = nn.Parameter(shift.detach().clone())
+
+    def forward(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        if first is None:
+            return x
+        return torch.where(first.unsqueeze(-1), x * self.scale + self.shift, x)
+
+
+def fold_norm(norm: nn.Module, consumers: list[nn.Linear]) -> nn.Module:
+    """Fold ``norm`` into ``consumers``; returns what replaces it (Identity, or a :class:`FirstTokenAffine`)."""
+    repbn = norm.repbn if isinstance(norm, PRepBN) else norm
+    first = getattr(repbn, "first_scale", None) is not None
+    if first:
+        s, t = norm_affine(norm)
+        if bool((s.abs() < 1e-12).any()):
+            raise NotFoldableError("a norm with a zero per-channel scale cannot carry a first-token affine: its "
+                                   "consumers lose that channel")
+        s0, t0 = repbn.first_scale.detach().double(), repbn.first_shift.detach().double()
+        ref = repbn.first_scale
+        rest = FirstTokenAffine((s0 / s).to(ref.dtype), ((t0 - t) / s).to(ref.dtype)).to(ref.device)
+    identity = fold_into_consumers(norm, consumers)
+    return rest if first else identity
+
+
 def make_norm(config: SlabLlamaConfig) -> nn.Module:
     """The norm module for ``config.norm`` (LLaMA's keys: RMSNorm ``weight``; PRepBN ``ln.weight`` and
     ``repbn.{alpha, bn.*}``)."""
@@ -106,9 +160,11 @@ def make_norm(config: SlabLlamaConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return LlamaRMSNorm(dim, eps=config.rms_norm_eps)
     if config.norm == "none":
+        if config.first_token_affine:  # the fused form: an identity-initialised first-token affine, loaded after
+            return FirstTokenAffine(torch.ones(dim), torch.zeros(dim))
         return nn.Identity()
     repbn = CausalRepBN(dim, eps=config.bn_eps, momentum=config.bn_momentum, alpha_init=config.repbn_alpha_init,
-                        stats=config.bn_stats)
+                        stats=config.bn_stats, first_token_affine=config.first_token_affine)
     if config.norm == "repbn":
         return repbn
     prepbn = PRepBN(dim, ln_eps=config.rms_norm_eps, bn_eps=config.bn_eps, alpha_init=config.repbn_alpha_init,
@@ -117,8 +173,12 @@ def make_norm(config: SlabLlamaConfig) -> nn.Module:
     return prepbn
 
 
-def apply_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``norm(x)``, passing the padding mask to the norms that take statistics."""
+def apply_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """``norm(x)``, passing the padding mask to the norms that take statistics and the first-token mask
+    (None unless the config has ``first_token_affine``) to those that treat the first token apart."""
+    if isinstance(norm, FirstTokenAffine):
+        return norm(x, first)
     if isinstance(norm, MASKED_NORMS):
-        return norm(x, mask)
+        return norm(x, mask) if first is None else norm(x, mask, first=first)
     return norm(x)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..layers.norm import PRepBN, RepBN
+from ..layers.norm import PRepBN, RepBN, pop_branch_gap, record_branch_gaps
 from ..schedule import PRepBNSchedule
 from ..train.checkpoint import atomic_save
 
@@ -50,7 +50,8 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     model.train(was_training)
     if count == 0:
         raise ValueError("perplexity: no token to predict")
-    return math.exp(total / count)
+    mean_nll = total / count
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # a diverged model: inf, not an OverflowError
 
 
 # ------------------------------------------------------------------------------------------ BN calibration
@@ -149,20 +150,27 @@ def recalibrate_bn(model: nn.Module, batches, all_ranks: bool = False) -> int:
         return 0
     was_training = model.training
     model.eval()
-    momenta = []
+    momenta, stats = [], []
     for m in bns:
         momenta.append(m.bn.momentum)
+        stats.append(getattr(m, "stats", None))
         m.bn.reset_running_stats()
         m.bn.momentum = None
         m.train()  # a PRepBN in eval calls its RepBN, which in train mode takes batch statistics
+        if stats[-1] is not None:
+            # 'running'/'causal' training statistics would feed the layers downstream with the reset running
+            # statistics or prefix estimates while they are being measured: measure with whole-batch ones.
+            m.stats = "batch"
     n = 0
     try:
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             n += 1
     finally:
-        for m, mom in zip(bns, momenta):
+        for m, mom, st in zip(bns, momenta, stats):
             m.bn.momentum = mom
+            if st is not None:
+                m.stats = st
         model.train(was_training)
     if all_ranks and n and dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
@@ -220,7 +228,10 @@ class TrainLMConfig:
     grad_clip: float = 1.0
     prepbn_warmup: int = 0              # steps with lam = 1
     prepbn_transition: float = 0.8      # PRepBN decay length T as a fraction of the total steps
-    bn_init: str = "zero"               # 'zero' (authors) or 'fit' (least-squares fit to the RMSNorm branch)
+    bn_init: str = "zero"               # 'zero' (authors), 'fit' (least squares to each RMSNorm branch), or
+                                        # 'calibrate' (sequential least squares, see slab.lm.convert)
+    bn_consistency: float = 0.0         # weight of the PRepBN branch-consistency loss during the transition
+    distill: bool = False               # objective: KL to a teacher's next-token distribution instead of the labels
     fit_batches: int = 4
     eval_every: int = 0                 # 0: only at the end
     save_every: int = 50
@@ -274,6 +285,24 @@ def _optimizer(model: nn.Module, cfg: TrainLMConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def _initialise_bn_branches(model: nn.Module, how: str, batches: list) -> int:
+    """``fit``: each RepBN to its own RMSNorm branch; ``calibrate``: in forward order, on the activations of the
+    model whose earlier norms are already RepBN, against the model's RMSNorm form (``lam = 1``)."""
+    if how == "fit":
+        return fit_bn_to_ln(model, batches)
+    if how != "calibrate":
+        raise ValueError(f"bn_init must be 'zero', 'fit' or 'calibrate', got {how!r}")
+    from .convert import calibrate_repbn, rmsnorm_form
+    return len(calibrate_repbn(model, rmsnorm_form(model), batches, sequential=True))
+
+
+def _distill(logits: torch.Tensor, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    from .convert import distillation_loss
+    with torch.no_grad():
+        target = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return distillation_loss(logits, target, mask)
+
+
 def _autocast(cfg: TrainLMConfig, device: torch.device):
     if cfg.amp == "none":
         return contextlib.nullcontext()
@@ -285,7 +314,7 @@ def _autocast(cfg: TrainLMConfig, device: torch.device):
 def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, output_dir: str | os.PathLike,
              train_mask: torch.Tensor | None = None, eval_ids: torch.Tensor | None = None,
              eval_mask: torch.Tensor | None = None, resume: bool = True, log=print, progress: bool = True,
-             stop_after: int | None = None) -> dict:
+             stop_after: int | None = None, teacher: nn.Module | None = None) -> dict:
     """Train ``model`` (a causal LM taking ``input_ids``/``attention_mask``/``labels``) for ``cfg.steps`` steps.
 
     Writes ``output_dir/checkpoint.pt`` every ``cfg.save_every`` steps and at the end, and resumes from it
@@ -293,8 +322,12 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
     gradients are not finite is skipped (counted in ``bad_steps``; the schedules still advance); after
     ``cfg.max_bad_steps`` such steps in a row training stops with an error. Returns a summary dict
     (``history`` of losses, ``eval`` perplexities, ``bad_steps``, ``lam``). ``stop_after`` ends the run after
-    that many steps of this call (to test resuming).
+    that many steps of this call (to test resuming). With ``cfg.distill`` the objective is the KL divergence
+    from ``teacher``'s next-token distribution (:func:`slab.lm.convert.distillation_loss`); the logged ``loss``
+    stays the cross-entropy on the text.
     """
+    if cfg.distill and teacher is None:
+        raise ValueError("cfg.distill needs a teacher model")
     from tqdm.auto import tqdm
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed)
@@ -347,16 +380,21 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
             dist.barrier()
 
     model.train()
+    consistency = schedule is not None and cfg.bn_consistency > 0
+    record_branch_gaps(model, consistency)
     while state["step"] < cfg.steps:
         step = state["step"]
-        if schedule is not None and cfg.bn_init == "fit" and not state["fitted"] and schedule.lam_at(step) < 1.0:
-            n = fit_bn_to_ln(model, (tuple(t.to(device) if t is not None else None for t in batches.get(i))
-                                     for i in range(cfg.fit_batches)))
+        if schedule is not None and cfg.bn_init != "zero" and not state["fitted"] and schedule.lam_at(step) < 1.0:
+            fit_batches = [tuple(t.to(device) if t is not None else None for t in batches.get(i))
+                           for i in range(cfg.fit_batches)]
+            n = _initialise_bn_branches(model, cfg.bn_init, fit_batches)
+            model.train()
             state["fitted"] = True
             if rank == 0:
-                log(f"step {step}: fitted {n} RepBN branches to their RMSNorm (bn_init='fit')")
+                log(f"step {step}: set {n} RepBN branches from their RMSNorm (bn_init={cfg.bn_init!r})")
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
+        gap_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             ids, mask = batches.get(step * cfg.grad_accum + micro)
             ids = ids.to(device)
@@ -364,9 +402,15 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
             labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
             sync = contextlib.nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else net.no_sync()
             with sync, _autocast(cfg, device):
-                loss = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-                (loss / cfg.grad_accum).backward()
+                out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                loss = out.loss
+                total = loss if not cfg.distill else _distill(out.logits, teacher, ids, mask)
+                gap = pop_branch_gap(model) if consistency else None
+                total = total if gap is None else total + cfg.bn_consistency * gap
+                (total / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
+            if gap is not None:
+                gap_sum += gap.detach() / cfg.grad_accum
             tokens += int(mask.sum()) if mask is not None else ids.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
@@ -397,7 +441,7 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
         ran += 1
         loss_value = float(loss_sum)
         state["history"].append({"step": step + 1, "loss": loss_value, "lam": lam,
-                                 "lr": scheduler.get_last_lr()[0]})
+                                 "lr": scheduler.get_last_lr()[0], "branch_gap": float(gap_sum) if consistency else None})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.3f}" if lam is not None else "-",
                         tok_s=f"{tokens * world / max(1e-9, time.time() - t0):.0f}")

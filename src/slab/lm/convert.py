@@ -1,0 +1,217 @@
+"""Converting a pretrained LLaMA to SLAB-LLaMA without losing it: calibration, then distillation.
+
+A PRepBN model made by :meth:`SlabLlamaForCausalLM.from_llama` starts with every RepBN branch at zero
+(the authors' initialisation), so removing the RMSNorms destroys the model and fine-tuning must re-learn
+them. Two facts make a better start possible:
+
+* away from the first token, an RMSNorm of a trained LLaMA is close to a per-channel affine map on real
+  activations (least-squares fit error 0.5-5 % in SmolLM2-135M), because the per-token RMS varies little;
+* the first token of each sequence (the attention sink) has a residual stream ~100x larger than the
+  others' (SmolLM2: RMS ~1000 against ~5-30 from layer 12 on). One map cannot serve both, so with
+  ``first_token_affine`` that token has a per-channel map of its own and stays out of the BN statistics.
+
+:func:`calibrate_repbn` sets every RepBN, in forward order, to the least-squares map from the converted
+model's own activations (earlier norms already replaced, so errors do not compound) to the original
+model's RMSNorm outputs. :func:`distillation_loss` then trains the converted model to match the original's
+next-token distribution (KL divergence), which is what matters, rather than the text's labels alone.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers.norm import PRepBN
+
+__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form"]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _LeastSquares:
+    """Per-channel running sums for ``y ~ s * x + t`` (float64)."""
+
+    def __init__(self):
+        self.n = 0.0
+        self.sums = None  # sx, sy, sxx, sxy
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        terms = [x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0)]
+        self.sums = terms if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
+        self.n += x.shape[0]
+
+    def fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(s, t, mean_x, var_x)``; a channel that does not vary keeps ``s = 0``, ``t = mean(y)``."""
+        sx, sy, sxx, sxy = (v / self.n for v in self.sums)
+        var_x = (sxx - sx * sx).clamp(min=0.0)
+        cov = sxy - sx * sy
+        s = torch.where(var_x > 1e-12, cov / var_x.clamp_min(1e-12), torch.zeros_like(cov))
+        return s, sy - s * sx, sx, var_x
+
+
+def _set_fit(norm: PRepBN, main: _LeastSquares, first: _LeastSquares | None) -> None:
+    """Give ``norm.repbn`` the eval map ``x * s + t`` of ``main`` (and the first-token map of ``first``)."""
+    repbn = norm.repbn
+    bn = repbn.bn
+    s, t, mean_x, var_x = main.fit()
+    std = torch.sqrt(var_x + bn.eps)  # eval: (x - mean) / std * weight + bias == s x + t
+    dt = bn.weight.dtype
+    bn.running_mean.copy_(mean_x.to(dt))
+    bn.running_var.copy_(var_x.to(dt))
+    bn.num_batches_tracked.fill_(1)
+    bn.weight.copy_((s * std).to(dt))
+    bn.bias.copy_((t + s * mean_x).to(dt))
+    repbn.alpha.zero_()
+    if getattr(repbn, "first_scale", None) is not None:
+        s0, t0 = first.fit()[:2] if first is not None and first.n >= 2 else (s, t)
+        repbn.first_scale.copy_(s0.to(dt))
+        repbn.first_shift.copy_(t0.to(dt))
+
+
+def _layer_inputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """The first decoder layer's hidden states and keyword arguments, as ``model`` prepares them."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+def _run_capturing(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules: list[nn.Module], what: str):
+    """``(layer output, [each module's input, output, or (input, output)])`` for one call of ``layer``."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(mod, args, output):
+        pick = {"input": args[0], "output": output, "both": (args[0], output)}[what]
+        seen[id(mod)] = tuple(t.detach() for t in pick) if what == "both" else pick.detach()
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        out = layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    return out, [seen[id(m)] for m in modules]
+
+
+def _fit_norm(norm: PRepBN, xs: list[torch.Tensor], ys: list[torch.Tensor], keeps) -> dict:
+    """Least-squares fit of ``norm``'s RepBN from inputs ``xs`` to targets ``ys`` (one tensor per batch)."""
+    fits = (_LeastSquares(), _LeastSquares())
+    for x, y, keep_pair in zip(xs, ys, keeps):
+        for fit, keep in zip(fits, keep_pair):
+            if keep.any():
+                fit.add(_rows(x, keep), _rows(y, keep))
+    _set_fit(norm, *fits)
+    return _fit_report(norm, list(zip(xs, ys)), keeps)
+
+
+def _apply_fitted(norm: PRepBN, x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    return norm(x, None, first=first) if getattr(norm.repbn, "first_scale", None) is not None else norm(x)
+
+
+def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])[keep.reshape(-1)].float()
+
+
+@torch.no_grad()
+def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential: bool = True) -> list[dict]:
+    """Set every PRepBN's RepBN branch of ``student`` to the least-squares fit of ``teacher``'s RMSNorm outputs.
+
+    ``student`` is a ``norm='prepbn'`` SLAB-LLaMA converted from ``teacher`` (a transformers LLaMA with the
+    same weights); ``batches`` a list of ``(input_ids, attention_mask or None)``. Norms are fitted in forward
+    order, each on the student's activations with every earlier norm already replaced by its fitted map
+    (its eval form), against the teacher's RMSNorm outputs on the same tokens. Real tokens only; the first
+    token of each sequence is fitted apart when the config has ``first_token_affine``. Leaves the student
+    in eval mode with ``lam = 0``. Returns one dict per norm: ``name`` and the relative squared error
+    ``fit_error`` of the fitted map on the calibration tokens. ``sequential=False`` fits every norm on the
+    teacher's own activations instead (each map is then the best for the original model, but errors compound).
+    """
+    batches = [(ids, mask) for ids, mask in batches]
+    if not batches:
+        raise ValueError("calibrate_repbn needs at least one batch")
+    student.eval()
+    teacher.eval()
+    s_state = [_layer_inputs(student, ids, mask) for ids, mask in batches]
+    t_state = [_layer_inputs(teacher, ids, mask) for ids, mask in batches]
+    keeps = []
+    for (ids, mask), (_, kw) in zip(batches, s_state):
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        first = kw.get("first_token")
+        if first is None:
+            first = torch.zeros_like(real)
+            first[:, 0] = True
+        keeps.append((real & ~first, real & first))
+    report = []
+    for s_layer, t_layer in zip(student.model.layers, teacher.model.layers):
+        t_norms = [t_layer.input_layernorm, t_layer.post_attention_layernorm]
+        t_runs = [_run_capturing(t_layer, ht, tkw, t_norms, "both") for ht, tkw in t_state]
+        # the input norm reads the layer input: fit it directly on the student's hidden states
+        x_in = [hs for hs, _ in s_state] if sequential else [xy[0][0] for _, xy in t_runs]
+        report.append(_fit_norm(s_layer.input_layernorm, x_in, [xy[0][1] for _, xy in t_runs], keeps))
+        post = s_layer.post_attention_layernorm
+        x_post = [_run_capturing(s_layer, hs, kw, [post], "input")[1][0] for hs, kw in s_state]
+        x_fit = x_post if sequential else [xy[1][0] for _, xy in t_runs]
+        report.append(_fit_norm(post, x_fit, [xy[1][1] for _, xy in t_runs], keeps))
+        # the layer's output with both norms fitted: the residual stream after attention plus the MLP
+        s_state = [(x + s_layer.mlp(_apply_fitted(post, x, first)), kw)
+                   for x, (_, kw), (_, first) in zip(x_post, s_state, keeps)]
+        t_state = [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
+    final = student.model.norm
+    x_final = [hs for hs, _ in s_state] if sequential else [ht for ht, _ in t_state]
+    report.append(_fit_norm(final, x_final, [teacher.model.norm(ht) for ht, _ in t_state], keeps))
+    names = {id(m): n for n, m in student.named_modules()}
+    for r in report:
+        r["name"] = names[id(r.pop("module"))]
+    return report
+
+
+def _fit_report(norm: PRepBN, pairs, keeps) -> dict:
+    """Relative squared error of the fitted eval map on the calibration tokens."""
+    err, ref = [0.0, 0.0], [0.0, 0.0]
+    for (x, y), group in zip(pairs, keeps):
+        sq = (_apply_fitted(norm, x, group[1]) - y).pow(2).sum(-1)
+        for i, keep in enumerate(group):
+            err[i] += float(sq[keep].sum())
+            ref[i] += float(y.pow(2).sum(-1)[keep].sum())
+    return {"module": norm, "fit_error": sum(err) / max(sum(ref), 1e-30),
+            "fit_error_first": err[1] / max(ref[1], 1e-30), "fit_error_rest": err[0] / max(ref[0], 1e-30)}
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over real tokens of ``KL(teacher || student)`` of the next-token distributions (``[B, T, V]``)."""
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        kl = kl[mask.to(torch.bool)]
+    return kl.mean() * (t * t)
+
+
+def rmsnorm_form(model: nn.Module) -> nn.Module:
+    """A frozen copy of a PRepBN SLAB-LLaMA with every PRepBN replaced by its RMSNorm branch (``lam = 1``):
+    the teacher that :func:`calibrate_repbn` fits a model's own RepBN branches to."""
+    teacher = copy.deepcopy(model)
+    for layer in teacher.model.layers:
+        layer.input_layernorm = layer.input_layernorm.ln
+        layer.post_attention_layernorm = layer.post_attention_layernorm.ln
+    teacher.model.norm = teacher.model.norm.ln
+    teacher.config.first_token_affine = False
+    return teacher.eval().requires_grad_(False)

@@ -1,0 +1,197 @@
+"""Converting a pretrained LLaMA: least-squares calibration (first-token map included), distillation,
+`slab convert-lm --model DIR|GGUF` round trips and its bad-input errors."""
+import json
+
+import pytest
+import torch
+from conftest import assert_close
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import slab
+from slab.cli import main
+from slab.layers.norm import PRepBN
+from slab.lm import SlabLlamaForCausalLM, data
+from slab.lm.convert import _LeastSquares, _set_fit, calibrate_repbn, distillation_loss
+from slab.lm.norm import CausalRepBN, FirstTokenAffine
+from slab.lm.train import TrainLMConfig, train_lm
+
+TEXT = "\n%\n".join(f"Entry {i}: the quick brown fox jumps over the lazy dog number {i % 7}, and the cat sleeps "
+                    f"while {i % 5} birds sing." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    (d / "quotes").write_text(TEXT)
+    ds = data.load_text(d, held_out=0.1, cache_dir=str(d / "cache"))
+    tok = data.train_tokenizer(ds["train"]["text"], vocab_size=300)
+    return d, ds, tok
+
+
+def tiny_llama(tok, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+
+
+def test_least_squares_fit_is_exact_where_rmsnorm_is_linear():
+    torch.manual_seed(0)
+    norm = PRepBN(16, ln="rmsnorm", alpha_init=0.0)
+    norm.repbn = CausalRepBN(16, first_token_affine=True)
+    with torch.no_grad():
+        norm.ln.weight.copy_(torch.rand(16) + 0.5)
+    # every token at one RMS (3), the first tokens at another (300): RMSNorm is linear on each group
+    x = torch.randn(6, 10, 16)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt() * 3
+    x[:, 0] *= 100
+    y = norm.ln(x).detach()
+    first = torch.zeros(6, 10, dtype=torch.bool)
+    first[:, 0] = True
+    fits = (_LeastSquares(), _LeastSquares())
+    fits[0].add(x[~first], y[~first])
+    fits[1].add(x[first], y[first])
+    with torch.no_grad():
+        _set_fit(norm, *fits)
+    norm.eval()
+    assert_close("fitted RepBN with first-token map", y, norm(x, None, first=first), 1e-4)
+    shared = norm.repbn.bn(x.reshape(-1, 16)).reshape(x.shape)
+    assert (shared[:, 0] - y[:, 0]).abs().max() > 1.0  # the shared map alone cannot serve the first token
+
+
+def test_calibration_starts_close_to_the_original_and_fuses_exactly(corpus):
+    _, ds, tok = corpus
+    llama = tiny_llama(tok)
+    ids = data.pack_tokens(tok, ds["train"]["text"], 24)[:16]
+    zero = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", first_token_affine=True).eval()
+    student = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", first_token_affine=True)
+    report = calibrate_repbn(student, llama, [(ids[:8], None), (ids[8:], None)])
+    assert len(report) == 2 * 2 + 1 and report[0]["name"] == "model.layers.0.input_layernorm"
+    assert all(0 <= r["fit_error"] < 0.05 for r in report), report
+    with torch.no_grad():
+        ref = llama(input_ids=ids).logits
+        kl_zero = float(distillation_loss(zero(input_ids=ids).logits, ref))
+        out = student(input_ids=ids).logits
+    kl_cal = float(distillation_loss(out, ref))
+    assert kl_cal < 0.05 * kl_zero, (kl_cal, kl_zero)
+    fused = slab.fuse(student)
+    assert isinstance(fused.model.layers[0].input_layernorm, FirstTokenAffine)
+    with torch.no_grad():
+        assert_close("fused after calibration", out, fused(input_ids=ids).logits, 1e-4)
+        mask = torch.ones_like(ids)
+        mask[:3, :5] = 0  # left padding: the first real token is the one treated apart
+        assert_close("left-padded rows", student(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                     fused(input_ids=ids, attention_mask=mask).logits[mask.bool()], 1e-4)
+
+
+def test_distillation_lowers_the_converted_models_divergence(corpus, tmp_path):
+    _, ds, tok = corpus
+    llama = tiny_llama(tok)
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
+    student = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", bn_stats="running", first_token_affine=True)
+    calibrate_repbn(student, llama, [(blocks[:8], None)])
+    with torch.no_grad():  # a start away from the optimum: every BN map at 60 % of its calibrated scale
+        for m in student.modules():
+            if isinstance(m, CausalRepBN):
+                m.bn.weight.mul_(0.6)
+    probe = blocks[8:24]
+
+    def kl():
+        student.eval()
+        with torch.no_grad():
+            return float(distillation_loss(student(input_ids=probe).logits, llama(input_ids=probe).logits))
+
+    before = kl()
+    cfg = TrainLMConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=1, prepbn_transition=0.0, weight_decay=0.0,
+                        distill=True, save_every=100)
+    res = train_lm(student, blocks, cfg, tmp_path / "run", progress=False, log=lambda *a: None, teacher=llama)
+    assert res["lam"] == 0.0 and res["bad_steps"] == 0
+    assert kl() < 0.8 * before
+    with pytest.raises(ValueError, match="teacher"):
+        train_lm(student, blocks, cfg, tmp_path / "run2", progress=False, log=lambda *a: None)
+
+
+def _save_llama_dir(tok, path):
+    llama = tiny_llama(tok)
+    llama.save_pretrained(path)
+    tok.save_pretrained(path)
+    return llama
+
+
+def _convert_args(src, text, out, *extra):
+    return ["convert-lm", "--model", str(src), "--text", str(text), "--output", str(out), "--steps", "3",
+            "--seq-len", "16", "--batch-size", "4", "--calib-batches", "1", "--eval-blocks", "2",
+            "--recalibrate-batches", "2", "--no-bench", "--no-progress", "--no-resume", *extra]
+
+
+def test_convert_lm_from_a_save_pretrained_directory_round_trips(corpus, tmp_path):
+    d, _, tok = corpus
+    _save_llama_dir(tok, tmp_path / "llama")
+    out = tmp_path / "out"
+    assert main(_convert_args(tmp_path / "llama", d / "quotes", out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("ppl_original", "ppl_calibrated", "ppl_converted", "ppl_fused", "samples_fused", "history"):
+        assert key in res
+    assert res["ppl_fused"] == pytest.approx(res["ppl_converted"], rel=1e-4)
+    assert res["ppl_calibrated"] < 1.5 * res["ppl_original"]
+    loaded = AutoModelForCausalLM.from_pretrained(out / "fused")
+    assert loaded.config.norm == "none" and loaded.config.first_token_affine
+    assert not any(isinstance(m, (PRepBN, CausalRepBN)) for m in loaded.modules())
+    from slab.lm.train import perplexity
+    ids = data.pack_tokens(tok, data.load_text(d / "quotes", seed=0)["test"]["text"], 32, max_blocks=2)
+    assert perplexity(loaded, ids, batch_size=2) == pytest.approx(res["ppl_fused"], rel=1e-4)
+    assert (out / "fused" / "tokenizer.json").is_file()
+
+
+def _gguf(path, arch):
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case", ["not-llama-dir", "no-tokenizer", "gguf-not-llama", "not-gguf", "missing",
+                                  "short-text", "warmup", "output-is-file"])
+def test_convert_lm_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, tmp_path, capsys):
+    d, _, tok = corpus
+    src, text, extra = tmp_path / "llama", d / "quotes", []
+    out = tmp_path / "out"
+    if case == "not-llama-dir":
+        src.mkdir()
+        (src / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+        want = "not a LLaMA-architecture"
+    elif case == "no-tokenizer":
+        tiny_llama(tok).save_pretrained(src)
+        want = "no tokenizer"
+    elif case == "gguf-not-llama":
+        src = tmp_path / "m.gguf"
+        _gguf(src, "gpt2")
+        want = "not LLaMA"
+    elif case == "not-gguf":
+        src = tmp_path / "m.gguf"
+        src.write_bytes(b"\x00garbage" * 10)
+        want = "not a readable GGUF"
+    elif case == "missing":
+        src = tmp_path / "nowhere"
+        want = "does not exist"
+    elif case == "short-text":
+        _save_llama_dir(tok, src)
+        text = tmp_path / "short.txt"
+        text.write_text("Too short.\n\nStill short.\n")
+        want = "too short"
+    elif case == "warmup":
+        _save_llama_dir(tok, src)
+        extra = ["--warmup", "5"]
+        want = "never reach"
+    else:
+        _save_llama_dir(tok, src)
+        out.write_text("a file")
+        want = "not a directory"
+    assert main(_convert_args(src, text, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err
+    assert case == "output-is-file" or not out.exists()
