@@ -30,8 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        # Errors we raise on bad input carry their fix; a traceback would bury it.
+        # Errors we raise on bad input (slab.errors.UserError is a ValueError) carry their fix; a traceback
+        # would bury it.
         print(f"slab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The system refused a file operation no check foresaw: which file and why matter, not where in slab.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"slab {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

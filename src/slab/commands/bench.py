@@ -17,9 +17,19 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError, check_choices, check_output_dir, check_output_file, did_you_mean, positive_int_arg
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """argparse ``type=`` for a comma-separated list of counts, e.g. ``1,64``."""
+    values = tuple(positive_int_arg(t) for t in _csv(text))
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive whole numbers like 1,64, got {text!r}")
+    return values
 
 
 def register(sub) -> None:
@@ -32,11 +42,12 @@ def register(sub) -> None:
     p.add_argument("--families", type=_csv, default=None,
                    help="comma-separated families (deit,pvt,pvt_v2,swin,cswin) or registered model names")
     p.add_argument("--backends", type=_csv, default=None, help="subset of eager,compile,onnxruntime")
-    p.add_argument("--batch-sizes", type=lambda t: tuple(int(v) for v in _csv(t)), default=None,
+    p.add_argument("--batch-sizes", type=_positive_ints, default=None,
                    help="batch sizes of the model section, e.g. 1,64")
-    p.add_argument("--tokens", type=lambda t: tuple(int(v) for v in _csv(t)), default=None,
+    p.add_argument("--tokens", type=_positive_ints, default=None,
                    help="token counts of the attention section, e.g. 196,784,3136,12544")
-    p.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int_arg, default=None,
+                   help="torch/ONNX Runtime threads (default: torch's)")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the tables to this file")
     p.set_defaults(func=run)
 
@@ -46,30 +57,26 @@ def run(args) -> int:
 
     from ..bench.models import FAMILY_MODELS
     from ..bench.run import FULL, QUICK, SECTIONS, render_markdown, run_bench
+    # Everything is checked before the first timing: a full bench takes half an hour.
+    check_output_dir(args.output)
+    if args.markdown:
+        check_output_file(args.markdown, "--markdown")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QUICK() if args.quick else FULL()
     if args.sections is not None:
-        unknown = set(args.sections) - set(SECTIONS)
-        if unknown:
-            raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        check_choices(args.sections, SECTIONS, "sections")
         cfg.sections = args.sections
     if args.families is not None:
         import slab
-        names = set(slab.list_models())
-        fams = {}
+        models = slab.list_models()
         for f in args.families:
-            if f in FAMILY_MODELS:
-                fams[f] = FAMILY_MODELS[f]
-            elif f in names:
-                fams[f] = f
-            else:
-                raise ValueError(f"unknown family or model {f!r}; families: {', '.join(FAMILY_MODELS)}")
-        cfg.families = fams
+            if f not in FAMILY_MODELS and f not in models:
+                raise UserError(f"unknown family or model {f!r}{did_you_mean(f, [*FAMILY_MODELS, *models])}; "
+                                f"families: {', '.join(FAMILY_MODELS)}; models: see `slab models`")
+        cfg.families = {f: FAMILY_MODELS.get(f, f) for f in args.families}
     if args.backends is not None:
-        bad = set(args.backends) - {"eager", "compile", "onnxruntime"}
-        if bad:
-            raise ValueError(f"unknown backends {sorted(bad)}; choose from eager, compile, onnxruntime")
+        check_choices(args.backends, ("eager", "compile", "onnxruntime"), "backends")
         cfg.backends = args.backends
     if args.batch_sizes:
         cfg.batch_sizes = args.batch_sizes

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import positive_int_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="fuse and export to ONNX, checked with onnx.checker and ONNX Runtime",
@@ -23,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="trained checkpoint for --model")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="architecture overrides as JSON")
     p.add_argument("--output", required=True, help="the .onnx file to write")
-    p.add_argument("--batch-size", type=int, default=1, help="batch of the example input (default 1)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=1, help="batch of the example input (default 1)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's current one)")
     p.add_argument("--static-batch", action="store_true", help="export a fixed batch size")
@@ -38,8 +40,10 @@ def run(args) -> int:
 
     import slab
     from ..reparam.export import export_onnx, load_fused
+    from ..errors import check_output_file
     from .fuse import input_shape_of, parse_model_kwargs
 
+    check_output_file(args.output, suffixes=(".onnx",))
     if args.fused:
         if args.checkpoint:
             raise ValueError("--checkpoint goes with --model; a --fused file already holds the weights")

@@ -14,8 +14,9 @@ loads the result.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
+
+from ..errors import check_output_file, parse_json_object, positive_int_arg
 
 
 # ---------------------------------------------------------------- helpers shared by fuse/export/verify
@@ -28,12 +29,8 @@ def add_model_arguments(p: argparse.ArgumentParser, checkpoint_required: bool = 
 
 
 def parse_model_kwargs(text: str) -> dict:
-    try:
-        kwargs = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"num_classes\": 10}}': {e}") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    """``--model-kwargs`` JSON as constructor arguments (JSON lists become the tuples constructors take)."""
+    kwargs = parse_json_object(text, "--model-kwargs")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
@@ -86,13 +83,16 @@ def register(sub) -> None:
     p.add_argument("--verify-data", default=None, metavar="DATASET",
                    help="also verify on this dataset's test split ('fashion-mnist' or an image folder)")
     p.add_argument("--verify-limit", type=int, default=None, help="at most this many dataset images")
-    p.add_argument("--verify-batches", type=int, default=4, help="random input batches to verify on (default 4)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size of the verification (default 8)")
+    p.add_argument("--verify-batches", type=positive_int_arg, default=4,
+                   help="random input batches to verify on (default 4)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=8, help="batch size of the verification (default 8)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="max relative error max|fused-unfused|/max|unfused| accepted (default 1e-4)")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency report (default 1)")
-    p.add_argument("--latency-repeats", type=int, default=20, help="interleaved rounds per model (default 20)")
+    p.add_argument("--latency-batch", type=positive_int_arg, default=1,
+                   help="batch size of the latency report (default 1)")
+    p.add_argument("--latency-repeats", type=positive_int_arg, default=20,
+                   help="interleaved rounds per model (default 20)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency report")
     p.set_defaults(func=run)
 
@@ -107,8 +107,7 @@ def run(args) -> int:
     from ..reparam.fuse import default_statistics_paths
 
     kwargs = parse_model_kwargs(args.model_kwargs)
-    if not str(args.output).endswith(".safetensors"):
-        raise ValueError(f"--output must end in .safetensors, got {args.output}")
+    check_output_file(args.output, suffixes=(".safetensors",))
     model = slab.create_model(args.model, pretrained_file=args.checkpoint, **kwargs).eval()
     stale = default_statistics_paths(model)
     if stale:

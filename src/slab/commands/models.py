@@ -11,7 +11,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import slab
-    for name in slab.list_models(args.pattern):
+    names = slab.list_models(args.pattern)
+    if not names:
+        from ..errors import UserError, did_you_mean
+        raise UserError(f"no registered model matches {args.pattern!r}{did_you_mean(args.pattern, slab.list_models())}; "
+                        f"patterns are fnmatch globs, e.g. 'slab_*' or '*swin*'")
+    for name in names:
         if args.params:
             m = slab.create_model(name)
             print(f"{name:45s} {sum(p.numel() for p in m.parameters()) / 1e6:8.2f}M")

@@ -17,6 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from slab.errors import check_output_file
     from slab.train.plot import plot_runs
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise ValueError(f"--labels needs one label per run ({len(args.runs)}), got {len(args.labels)}")
@@ -24,5 +25,6 @@ def run(args) -> int:
         if len(args.runs) > 1:
             raise ValueError("give --output when plotting several runs")
         args.output = os.path.join(args.runs[0], "curves.png")
+    check_output_file(args.output)
     print(plot_runs(args.runs, args.output, labels=args.labels, smooth=args.smooth, title=args.title))
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from ..errors import positive_int_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("recalibrate", help="re-estimate BN statistics of a checkpoint over training batches",
@@ -13,7 +15,7 @@ def register(sub) -> None:
                                    "atomically; the input is left as it is.")
     p.add_argument("checkpoint", help="checkpoint written by 'slab train'")
     p.add_argument("--batches", type=int, default=200, help="training batches to average over (default 200)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--batch-size", type=positive_int_arg, default=None, help="default: the run's batch size")
     p.add_argument("--data", default=None, help="dataset (default: the run's)")
     p.add_argument("--output", default=None, help="new checkpoint (default: CHECKPOINT with suffix _recal.pt)")
     p.add_argument("--ema", action="store_true", help="also recalibrate the EMA weights")
@@ -24,10 +26,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
     from torch.utils.data import DataLoader
 
     from slab.data import ShardSampler, build_dataset
+    from slab.errors import check_device, check_output_file
     from slab.train import (atomic_save, build_model, evaluate, load_trained_model, recalibrate_bn,
                             recalibration_loader)
     from slab.train.loop import _num_workers
@@ -36,7 +38,8 @@ def run(args) -> int:
     out = args.output or os.path.splitext(args.checkpoint)[0] + "_recal.pt"
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
         raise ValueError("--output must differ from the input checkpoint (the original is kept)")
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_output_file(out)
+    device = check_device(args.device)
     model, cfg, state = load_trained_model(args.checkpoint)
     if args.data:
         cfg = cfg.replace(data=args.data)

@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from ..errors import positive_int_arg
+
 
 def register(sub) -> None:
     from slab.train.study import VARIANTS
@@ -16,17 +18,19 @@ def register(sub) -> None:
     p.add_argument("--output", default="runs/study", help="study folder (default runs/study)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int_arg, default=600, help="optimizer steps per run (default 600)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes; default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--jobs", type=positive_int_arg, default=2, help="runs in parallel (processes; default 2)")
+    p.add_argument("--threads", type=positive_int_arg, default=1, help="torch threads per run (default 1)")
     p.add_argument("--recal-batches", type=int, default=50, help="BN recalibration batches for BN models (0: off)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from slab.errors import check_output_dir
     from slab.train.study import markdown_table, plot_study, run_study, summarise
+    check_output_dir(args.output)
     t0 = time.time()
     results = run_study(args.output, variants=args.variants, seeds=tuple(args.seeds), steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, jobs=args.jobs, threads=args.threads,

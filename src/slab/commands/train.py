@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import typing
+
+from ..errors import parse_json_object
 
 _HELP = {
     "model": "registered model name (slab models)",
@@ -88,7 +89,7 @@ def add_config_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         if f.name in ("lr_warmup", "prepbn_warmup", "prepbn_transition"):
             kw["type"] = parse_amount
         elif f.name == "model_kwargs":
-            kw["type"] = json.loads
+            kw["type"] = str  # parsed in config_from_args, so a bad value reads like every other bad setting
         elif f.name == "betas":
             kw.update(type=float, nargs=2)
         elif f.name == "amp":
@@ -106,6 +107,8 @@ def config_from_args(args: argparse.Namespace):
     from slab.train.config import load_yaml
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     values.update({k: v for k, v in vars(args).items() if k in TrainConfig.field_names()})
+    if isinstance(values.get("model_kwargs"), str):
+        values["model_kwargs"] = parse_json_object(values["model_kwargs"], "--model-kwargs")
     return TrainConfig.from_dict(values)
 
 

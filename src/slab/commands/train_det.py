@@ -1,6 +1,8 @@
 """``slab train-det``: train and evaluate Mask R-CNN with a SLAB backbone on COCO-format data."""
 from __future__ import annotations
 
+from ..errors import positive_int_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("train-det", help="train/evaluate Mask R-CNN + FPN with a SLAB backbone (COCO box/mask mAP)",
@@ -14,9 +16,9 @@ def register(sub) -> None:
     p.add_argument("--data", help="COCO-format folder (see `slab data fmnist-scenes`)")
     p.add_argument("--pretrained", help="ImageNet checkpoint for the backbone (ours or the authors' .pth)")
     p.add_argument("--prepbn", choices=["frozen", "continue"], help="PRepBN during detection training")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, help="images per step per process")
+    p.add_argument("--epochs", type=positive_int_arg)
+    p.add_argument("--max-steps", type=positive_int_arg, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=positive_int_arg, help="images per step per process")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--trainable-layers", type=int, help="0..5 backbone stages trained, from the top (5: all)")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import positive_int_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("verify", help="compare fused / ONNX deploy artifacts with the original model",
@@ -25,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--onnx", default=None, metavar="PATH", help="ONNX file written by `slab export`")
     p.add_argument("--data", default=None, metavar="DATASET", help="also compare on this dataset's test split")
     p.add_argument("--limit", type=int, default=None, help="at most this many dataset images")
-    p.add_argument("--batches", type=int, default=4, help="random input batches (default 4)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=positive_int_arg, default=4, help="random input batches (default 4)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=8)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--atol", type=float, default=1e-4)
@@ -38,9 +40,13 @@ def run(args) -> int:
 
     import slab
     from ..reparam.export import OnnxRuntimeModel, compare_outputs, load_fused, read_sidecar
+    from ..files import require_file
     from .fuse import dataset_batches, input_shape_of, parse_model_kwargs, random_batches
 
     kwargs = parse_model_kwargs(args.model_kwargs)
+    for flag, path in (("--checkpoint", args.checkpoint), ("--fused", args.fused), ("--onnx", args.onnx)):
+        if path is not None:
+            require_file(path, flag)  # before minutes of loading the others
     if args.fused and args.model is None:
         meta = read_sidecar(args.fused)
         args.model = meta["model"]

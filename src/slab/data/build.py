@@ -5,6 +5,7 @@ import os
 
 from torch.utils.data import Dataset
 
+from ..errors import UserError, did_you_mean
 from .fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
 
 __all__ = ["build_dataset", "dataset_info", "FASHION_MNIST_NAMES", "IMAGEFOLDER_SPLITS"]
@@ -30,14 +31,53 @@ def _split_folder(root: str, split: str) -> str:
                             f"ROOT/val/CLASS/*.jpg")
 
 
-def _class_map(root: str) -> dict[str, int]:
-    """Class name -> index from the class folders of ``root/train`` (so every split shares it)."""
+def _class_folders(folder: str) -> list[str]:
     from timm.utils.misc import natural_key
+    return sorted((d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))), key=natural_key)
+
+
+def _has_image(folder: str) -> bool:
+    # timm labels an image by the folder it lies in: only images directly inside a class folder count.
+    kinds = set(_image_kinds())
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and os.path.splitext(e.name)[1].lower() in kinds for e in entries)
+
+
+def _class_map(root: str) -> dict[str, int]:
+    """Class name -> index from the class folders of ``root/train`` (so every split shares it).
+
+    Raises :class:`UserError` for class folders without images and for a single class: both train
+    without complaint otherwise (a class never seen, or a 100 % accuracy that means nothing).
+    """
     train = _split_folder(root, "train")
-    names = sorted((d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))), key=natural_key)
+    names = _class_folders(train)
     if not names:
         raise FileNotFoundError(f"{train} holds no class folders (expected {train}/CLASS_NAME/*.jpg)")
+    empty = [n for n in names if not _has_image(os.path.join(train, n))]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+        raise UserError(f"{train} has class folder(s) without images directly inside: {shown}. A class without "
+                        f"training images cannot be learned: add its images ({', '.join(_image_kinds())}) or remove "
+                        f"the folder")
+    if len(names) == 1:
+        raise UserError(f"{train} has a single class folder ({names[0]!r}): classification needs at least 2 classes "
+                        f"(with one, every prediction is right and the loss is 0). Add a folder per class")
     return {n: i for i, n in enumerate(names)}
+
+
+def _image_kinds() -> list[str]:
+    from timm.data.readers.img_extensions import get_img_extensions
+    return sorted(get_img_extensions(as_set=True))
+
+
+def _check_split_classes(root: str, folder: str, classes: dict[str, int]) -> None:
+    """Refuse an evaluation split with classes training lacks: timm would drop their images without a word."""
+    extra = [n for n in _class_folders(folder) if n not in classes and _has_image(os.path.join(folder, n))]
+    if extra:
+        named = ", ".join(f"{n!r}{did_you_mean(n, classes)}" for n in extra[:5])
+        raise UserError(f"{folder} has class folder(s) that {_split_folder(root, 'train')} lacks: {named}. Their "
+                        f"images would be left out of the evaluation: rename them to training classes, add them "
+                        f"to the training split, or move them out")
 
 
 def dataset_info(spec: str) -> dict:
@@ -45,7 +85,8 @@ def dataset_info(spec: str) -> dict:
     if _is_fashion_mnist(spec):
         return dict(num_classes=10, in_chans=1, img_size=28, mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,))
     if not os.path.isdir(spec):
-        raise FileNotFoundError(f"dataset {spec!r} is neither 'fashion-mnist' nor an existing image folder")
+        raise FileNotFoundError(f"dataset {spec!r} is neither 'fashion-mnist' nor an existing image folder"
+                                f"{did_you_mean(spec, FASHION_MNIST_NAMES)}")
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return dict(num_classes=len(_class_map(spec)), in_chans=3, img_size=224, mean=IMAGENET_DEFAULT_MEAN,
                 std=IMAGENET_DEFAULT_STD)
@@ -85,8 +126,9 @@ def build_dataset(spec: str, split: str, img_size: int | None = None, is_trainin
                             seed=seed)
     spec = os.fspath(spec)
     if not os.path.isdir(spec):
-        raise FileNotFoundError(f"dataset {spec!r} is neither 'fashion-mnist' nor an existing image folder "
-                                f"(ImageNet layout: ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)")
+        raise FileNotFoundError(f"dataset {spec!r} is neither 'fashion-mnist' nor an existing image folder"
+                                f"{did_you_mean(spec, FASHION_MNIST_NAMES)} (ImageNet layout: ROOT/train/CLASS/*.jpg, "
+                                f"ROOT/val/CLASS/*.jpg)")
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
     in_chans = 3 if in_chans is None else int(in_chans)
     if in_chans not in (1, 3):
@@ -102,7 +144,10 @@ def build_dataset(spec: str, split: str, img_size: int | None = None, is_trainin
     transform = create_transform((in_chans, img_size or 224, img_size or 224), is_training=is_training,
                                  no_aug=not augment, mean=tuple(mean), std=tuple(std), **kwargs)
     folder = _split_folder(spec, split)
-    ds = ImageDataset(folder, split=split, class_map=_class_map(spec), transform=transform,
+    classes = _class_map(spec)
+    if split != "train":
+        _check_split_classes(spec, folder, classes)
+    ds = ImageDataset(folder, split=split, class_map=classes, transform=transform,
                       input_img_mode="L" if in_chans == 1 else "RGB")
     if len(ds) == 0:
         raise FileNotFoundError(f"{folder} holds no images")

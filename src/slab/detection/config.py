@@ -5,6 +5,9 @@ import copy
 import os
 from pathlib import Path
 
+from ..errors import UserError
+from ..files import load_yaml_file, load_yaml_value
+
 __all__ = ["DEFAULTS", "load_config", "merge_config", "parse_override"]
 
 # The paper's Mask R-CNN setting (mmdet 1x): 12 epochs, lr x0.1 after epochs 8 and 11, AdamW lr 1e-4 wd 0.05,
@@ -57,11 +60,10 @@ def parse_override(text: str) -> tuple[str, object]:
 
     Mapping values (``backbone_kwargs``, ``detector``) update the mapping already set rather than replace it.
     """
-    import yaml
     if "=" not in text:
-        raise ValueError(f"override must look like key=value, got {text!r}")
+        raise UserError(f"--set must look like key=value, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), load_yaml_value(value, f"--set {text}")
 
 
 def merge_config(base: dict, updates: dict, source: str) -> dict:
@@ -92,14 +94,10 @@ def _find_config(path: str) -> Path:
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> dict:
     """DEFAULTS, updated by the YAML file ``path`` and then by ``overrides`` (None values are ignored)."""
-    import yaml
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         file = _find_config(os.fspath(path))
-        data = yaml.safe_load(file.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{file}: expected a mapping of settings, got {type(data).__name__}")
-        cfg = merge_config(cfg, data, str(file))
+        cfg = merge_config(cfg, load_yaml_file(file), str(file))
     if overrides:
         cfg = merge_config(cfg, {k: v for k, v in overrides.items() if v is not None}, "command line")
     return cfg

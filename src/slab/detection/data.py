@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -17,17 +18,86 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["CocoInstances", "resolve_split", "collate", "load_coco"]
+from ..errors import UserError
+from ..files import require_file
+
+__all__ = ["CocoInstances", "resolve_split", "collate", "load_coco", "coco_problems"]
 
 
-def load_coco(ann_file: str | os.PathLike):
-    """``pycocotools.coco.COCO`` without its prints."""
+def load_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None):
+    """``pycocotools.coco.COCO`` of a checked annotation file, without its prints.
+
+    Raises :class:`UserError` naming the file and its first problems when it is not valid JSON or
+    not valid COCO (see :func:`coco_problems`); pycocotools would fail later, deep in training.
+    """
     try:
         from pycocotools.coco import COCO
     except ImportError as e:  # pragma: no cover - dependency message
         raise ImportError("detection needs pycocotools: pip install 'slab[detection]'") from e
+    ann_file = require_file(ann_file, "COCO annotation file")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"COCO annotation file {ann_file} is not valid JSON ({e}); write it again (`slab data "
+                        f"fmnist-scenes` makes a valid set)") from None
+    problems = coco_problems(data, image_dir)
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UserError(f"COCO annotation file {ann_file} is not valid: {'; '.join(problems[:5])}{more}. Fix the file "
+                        f"(format: https://cocodataset.org/#format-data)")
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(os.fspath(ann_file))
+        coco.createIndex()
+    return coco
+
+
+def _is_box(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)
+            and value[2] >= 0 and value[3] >= 0)
+
+
+def _annotation_problems(i: int, ann, images: set, categories: set) -> list[str]:
+    if not isinstance(ann, dict):
+        return [f"annotations[{i}] is not an object"]
+    missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
+    if missing:
+        return [f"annotations[{i}] lacks {', '.join(missing)}"]
+    out = []
+    if ann["image_id"] not in images:
+        out.append(f"annotations[{i}] refers to image_id {ann['image_id']!r}, which 'images' lacks")
+    if ann["category_id"] not in categories:
+        out.append(f"annotations[{i}] refers to category_id {ann['category_id']!r}, which 'categories' lacks")
+    if not _is_box(ann["bbox"]):
+        out.append(f"annotations[{i}] has bbox {ann['bbox']!r}; expected [x, y, width, height] with width, height >= 0")
+    if not isinstance(ann["segmentation"], (list, dict)):
+        out.append(f"annotations[{i}] has a segmentation that is neither polygons (a list) nor RLE (an object)")
+    return out
+
+
+def coco_problems(data, image_dir: str | os.PathLike | None = None) -> list[str]:
+    """What makes ``data`` (a parsed annotation file) unusable for training or COCOeval; ``[]`` when nothing."""
+    if not isinstance(data, dict):
+        return [f"the top level is a {type(data).__name__}, not an object with images, annotations, categories"]
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        return [f"it has no {k!r} list" for k in missing]
+    problems = []
+    if not data["categories"]:
+        problems.append("'categories' is empty")
+    categories = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+    images = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            problems.append(f"images[{i}] lacks id or file_name")
+            continue
+        images.add(im["id"])
+        if image_dir is not None and not os.path.isfile(os.path.join(image_dir, im["file_name"])):
+            problems.append(f"images[{i}] names {im['file_name']!r}, which {image_dir} lacks")
+    for i, ann in enumerate(data["annotations"]):
+        problems += _annotation_problems(i, ann, images, categories)
+    return problems
 
 
 def resolve_split(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
@@ -64,7 +134,7 @@ class CocoInstances(Dataset):
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         self.image_dir = Path(image_dir)
-        self.coco = load_coco(ann_file)
+        self.coco = load_coco(ann_file, image_dir)
         self.train = train
         self.hflip = hflip if train else 0.0
         self.in_chans = in_chans

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..errors import UserError, check_output_dir
+from ..files import require_file, torch_load
 from ..train.checkpoint import atomic_save
 from ..train.distributed import setup_distributed, teardown_distributed
 from .config import DEFAULTS, merge_config
@@ -95,10 +97,17 @@ def _build_model(cfg: dict, num_classes: int) -> nn.Module:
                     anchor_sizes=cfg["anchor_sizes"], detector_kwargs=cfg["detector"], **cfg["backbone_kwargs"])
 
 
+#: what to do about a detector file that cannot be read
+DETECTOR_FIX = "Give OUTPUT/model.pth or OUTPUT/checkpoint.pth of a `slab train-det` run"
+
+
 def load_detector(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     """A detector saved by ``slab train-det`` (``model.pth`` or ``checkpoint.pth``), in eval mode."""
     from .model import detector_from_config
-    obj = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    obj = torch_load(path, DETECTOR_FIX, "detector", map_location=map_location)
+    if not isinstance(obj, dict) or "slab_config" not in obj or "model" not in obj:
+        raise UserError(f"{path} is not a detector saved by `slab train-det` (no 'model' and 'slab_config' "
+                        f"entries). {DETECTOR_FIX}")
     cfg = dict(obj["slab_config"])
     cfg["pretrained_backbone"] = None
     model = detector_from_config(cfg)
@@ -131,17 +140,21 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
     cfg = merge_config(DEFAULTS, cfg or {}, "train_detector")
     if not cfg["data"]:
         raise ValueError("no data: give --data DIR (a COCO-format folder; `slab data fmnist-scenes` makes one)")
+    out = Path(cfg["output"])
+    if eval_only:
+        require_file(eval_only, "--eval-only detector")
     info = setup_distributed(None if cfg["device"] == "auto" else cfg["device"])
     world, rank, device = info.world_size, info.rank, info.device
     torch.manual_seed(cfg["seed"] + rank)
-    out = Path(cfg["output"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    log = _Logger(out / "log.txt" if rank == 0 else None, append=resume or bool(eval_only))
-
+    # Every input is checked before the output folder is made: a refused run leaves nothing behind.
     val_set = CocoInstances(*resolve_split(cfg["data"], cfg["val_split"]), train=False, in_chans=cfg["in_chans"])
+    if rank == 0:
+        check_output_dir(out)
     if eval_only:
         model = load_detector(eval_only).to(device)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        log = _Logger(out / "log.txt" if rank == 0 else None, append=True)
         metrics = evaluate(model, val_set, device, cfg["eval_batch_size"])
         log(_metrics_line(f"eval {eval_only}", metrics))
         log(metrics["summary"].rstrip())
@@ -152,6 +165,9 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
                               in_chans=cfg["in_chans"])
     if train_set.cat_ids != val_set.cat_ids:
         raise ValueError(f"train and val have different categories ({train_set.cat_ids} vs {val_set.cat_ids})")
+    if len(train_set) == 0:
+        raise UserError(f"the {cfg['train_split']!r} split of {cfg['data']} has no image with a usable annotation "
+                        f"(a non-crowd box at least 1 pixel wide and high): nothing to train on")
     model = _build_model(cfg, train_set.num_classes).to(device)
     sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=cfg["seed"]) if world > 1 else None
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -170,8 +186,10 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
     prepbn = _prepbn_schedule(model, cfg, total_steps)
     step, start_epoch, history = 0, 0, []
     ckpt_path = out / "checkpoint.pth"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+    resumed = resume and ckpt_path.is_file()
+    if resumed:
+        ck = torch_load(ckpt_path, "Delete it to start again, or restore it (the run keeps only this one)",
+                        map_location=device)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         lr_sched.load_state_dict(ck["lr_scheduler"])
@@ -179,10 +197,13 @@ def train_detector(cfg: dict | None = None, resume: bool = False, eval_only: str
             prepbn.load_state_dict(ck["prepbn"])
         step, history = int(ck["step"]), ck.get("history", [])
         start_epoch = step // steps_per_epoch
-        log(f"resumed from {ckpt_path} at step {step}")
-    elif resume:
-        log(f"--resume: no {ckpt_path} yet, starting from step 0")
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log = _Logger(out / "log.txt" if rank == 0 else None, append=resume)
+    if resume:
+        log(f"resumed from {ckpt_path} at step {step}" if resumed
+            else f"--resume: no {ckpt_path} yet, starting from step 0")
     if rank == 0:
         import yaml
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))

@@ -6,7 +6,10 @@ import os
 import torch.nn as nn
 
 from . import cswin, deit, pvt, pvt_v2, swin
-from ._builder import (load_checkpoint_strict, read_checkpoint, slab_model_names, unknown_model_error)
+from ..errors import UserError
+from ..files import is_fused_checkpoint
+from ._builder import (load_checkpoint_strict, model_arguments, model_kwargs_error, read_checkpoint, slab_model_names,
+                       unknown_model_error)
 
 _FAMILIES = (deit, pvt, pvt_v2, swin, cswin)
 
@@ -41,7 +44,17 @@ def create_model(name: str, pretrained_file: str | os.PathLike | None = None, de
     names = slab_model_names()
     if name not in names:
         raise unknown_model_error(name, names)
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained_file is not None and not deploy and is_fused_checkpoint(pretrained_file):
+        raise UserError(f"{pretrained_file} is a fused deploy checkpoint written by `slab fuse`: load it with "
+                        f"create_model({name!r}, deploy=True, pretrained_file=...) or slab.reparam.export.load_fused, "
+                        f"or give it to the commands as --fused")
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        error = model_kwargs_error(name, kwargs, e)
+        if error is None:
+            raise
+        raise error from None
     if deploy:
         from ..reparam.fuse import fuse
         model = fuse(model, inplace=True, warn_default_stats=False) if not model.training else \
@@ -66,4 +79,5 @@ def load_authors_model(record: dict, state_dict: dict) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["AUTHORS_CHECKPOINTS", "create_model", "list_models", "load_authors_model", "read_checkpoint"]
+__all__ = ["AUTHORS_CHECKPOINTS", "create_model", "list_models", "load_authors_model", "model_arguments",
+           "read_checkpoint"]

@@ -5,6 +5,7 @@ import difflib
 import gzip
 import json
 import os
+import re
 import sys
 from importlib import resources
 from typing import Callable
@@ -15,6 +16,8 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 
+from ..errors import UserError, did_you_mean
+from ..files import load_safetensors, torch_load
 from ._authors import unwrap_checkpoint
 
 
@@ -64,19 +67,50 @@ def _family_module(model: nn.Module):
     return sys.modules[type(model).__module__]
 
 
+#: what to do about a weights file that cannot be read
+WEIGHTS_FIX = ("Give the weights of a `slab train` run (RUN/checkpoints/best.pt), the authors' released .pth, or a "
+               ".safetensors state dict")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file; unwrap ``"model"``."""
+    """Read a ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file; unwrap ``"model"``.
+
+    A damaged or foreign file raises :class:`slab.errors.UserError` saying what the file is.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - say what the file is, not torch's unpickler internals
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint with weights_only=True: {e}") from None
-    return unwrap_checkpoint(obj)
+        return load_safetensors(path, WEIGHTS_FIX)
+    return unwrap_checkpoint(torch_load(path, WEIGHTS_FIX))
+
+
+def model_arguments(name: str) -> list[str]:
+    """The keyword arguments of the class a registered model name builds (``[]`` when it cannot be told)."""
+    import inspect
+    fn = timm.models._registry._model_entrypoints.get(name)
+    cls = getattr(fn, "__annotations__", {}).get("return")
+    if isinstance(cls, str):  # ``from __future__ import annotations``: the class is named in its module
+        cls = getattr(sys.modules.get(getattr(fn, "__module__", ""), None), cls, None)
+    if not isinstance(cls, type):
+        return []
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def model_kwargs_error(name: str, kwargs: dict, exc: TypeError) -> UserError | None:
+    """A :class:`UserError` for a ``TypeError`` raised while building ``name`` from ``kwargs`` (None: not theirs)."""
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    known = model_arguments(name)
+    if unknown and unknown.group(1) in kwargs and unknown.group(1) not in known:
+        key = unknown.group(1)
+        return UserError(f"model '{name}' has no argument {key!r}{did_you_mean(key, known)}; its arguments: "
+                         f"{', '.join(known)}")
+    if kwargs:
+        first_line = str(exc).splitlines()[0].rstrip(":")
+        return UserError(f"model '{name}' cannot be built with {kwargs}: {first_line}. Check the types of these "
+                         f"arguments (arguments: {', '.join(known)})")
+    return None
 
 
 def _authors_manifests() -> dict:

@@ -26,6 +26,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ..errors import UserError, output_error
+from ..files import open_onnx_session, require_file, safetensors_metadata
+
 __all__ = ["FORBIDDEN_ONNX_OPS", "ExportError", "save_fused", "load_fused", "read_sidecar", "sidecar_path",
            "compare_outputs", "export_onnx", "onnx_op_histogram", "run_onnx", "OnnxRuntimeModel"]
 
@@ -72,16 +75,25 @@ def _untuple(value: Any) -> Any:
 
 @contextlib.contextmanager
 def _atomic_path(path: Path):
-    """Yield a temporary path in ``path``'s folder; rename it onto ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Yield a temporary path in ``path``'s folder; rename it onto ``path`` only if the block succeeds.
+
+    A place that cannot be written raises :class:`slab.errors.UserError` naming ``path``, not the temporary file.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise output_error(path, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise output_error(path, e) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -119,23 +131,29 @@ def save_fused(model: nn.Module, path: str | os.PathLike, model_name: str, model
     return meta
 
 
+#: what to do about a fused checkpoint that cannot be read
+FUSED_FIX = "Write it again with `slab fuse --model NAME --checkpoint TRAINED --output PATH.safetensors`"
+
+
 def read_sidecar(path: str | os.PathLike) -> dict:
     """The sidecar of a fused checkpoint: the JSON file next to it, else the safetensors header."""
-    path = Path(path)
+    path = Path(require_file(path, "fused checkpoint"))
     side = sidecar_path(path)
     if side.is_file():
-        meta = json.loads(side.read_text())
+        try:
+            meta = json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"sidecar {side} of {path} is not valid JSON: delete it (the .safetensors header holds "
+                            f"a copy) or write both again with `slab fuse`") from None
     else:
-        if not path.is_file():
-            raise FileNotFoundError(f"fused checkpoint not found: {path}")
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("slab")
+        raw = safetensors_metadata(path, FUSED_FIX, "fused checkpoint").get("slab")
         if raw is None:
-            raise ValueError(f"{path} has no sidecar ({side.name}) and no 'slab' metadata: not written by `slab fuse`")
+            raise UserError(f"{path} has no sidecar ({side.name}) and no 'slab' metadata: not written by `slab "
+                            f"fuse`. For an unfused weights file use --model NAME --checkpoint {path}")
         meta = json.loads(raw)
-    if meta.get("format") != SIDECAR_FORMAT or "model" not in meta:
-        raise ValueError(f"{side} is not a slab fused-checkpoint sidecar (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "model" not in meta:
+        raise UserError(f"{side} is not a slab fused-checkpoint sidecar (no format {SIDECAR_FORMAT!r} and model "
+                        f"entries); write it again with `slab fuse`")
     return meta
 
 
@@ -143,6 +161,8 @@ def load_fused(path: str | os.PathLike, **overrides) -> nn.Module:
     """Rebuild the deploy model a fused checkpoint describes: ``create_model(name, deploy=True, ...)``."""
     from ..models import create_model
     meta = read_sidecar(path)
+    # A damaged tensor file with an intact sidecar must still say it is a fused checkpoint that is damaged.
+    safetensors_metadata(path, FUSED_FIX, "fused checkpoint")  # opening checks the header and the file's length
     kwargs = {**_untuple(meta.get("kwargs", {})), **overrides}
     return create_model(meta["model"], pretrained_file=path, deploy=True, **kwargs).eval()
 
@@ -208,7 +228,7 @@ class OnnxRuntimeModel:
         if threads:
             opts.intra_op_num_threads = int(threads)
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = open_onnx_session(self.path, opts)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None

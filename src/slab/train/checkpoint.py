@@ -17,8 +17,11 @@ import warnings
 import numpy as np
 import torch
 
+from ..errors import UserError, output_error
+from ..files import is_fused_checkpoint, torch_load
+
 __all__ = ["atomic_save", "load_checkpoint", "find_checkpoints", "find_resume_checkpoint", "prune_checkpoints",
-           "capture_rng", "restore_rng", "checkpoint_path", "CHECKPOINT_FORMAT"]
+           "capture_rng", "restore_rng", "checkpoint_path", "CHECKPOINT_FORMAT", "CHECKPOINT_FIX"]
 
 CHECKPOINT_FORMAT = "slab-train-checkpoint"
 _STEP_RE = re.compile(r"step_(\d+)\.pt$")
@@ -29,26 +32,32 @@ def checkpoint_path(output: str, step: int) -> str:
 
 
 def atomic_save(obj, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj)`` to ``path`` through a temporary file, fsync and rename.
+
+    A folder that cannot be written raises :class:`slab.errors.UserError` naming ``path`` (not the
+    temporary file, which is removed).
+    """
+    return _atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file, fsync and rename."""
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file, fsync and rename (errors as atomic_save)."""
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")), "file")
 
 
-def _atomic_write(path: str | os.PathLike, write) -> str:
+def _atomic_write(path: str | os.PathLike, write, what: str) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise output_error(path, e, what) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -63,20 +72,25 @@ def _atomic_write(path: str | os.PathLike, write) -> str:
     return path
 
 
+#: what to do about a training checkpoint that cannot be read
+CHECKPOINT_FIX = ("Give a checkpoint written by `slab train` (RUN/checkpoints/step_*.pt or best.pt); "
+                  "`--resume auto` skips damaged ones")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read and check one training checkpoint; ``ValueError`` when it is not one of ours or is damaged."""
+    """Read and check one training checkpoint; ``ValueError`` (a :class:`UserError`) when it is not one of ours."""
     path = os.fspath(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated zip, bad pickle, ...
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    if os.path.isfile(path) and is_fused_checkpoint(path):
+        raise UserError(f"{path} is a fused deploy checkpoint written by `slab fuse`, not a training checkpoint: "
+                        f"evaluate it with `slab eval {path} --data DATASET` or compare it with `slab verify "
+                        f"--fused {path}`")
+    state = torch_load(path, CHECKPOINT_FIX, map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a slab training checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
+        raise UserError(f"{path} is not a slab training checkpoint (no format={CHECKPOINT_FORMAT!r} entry); for a "
+                        f"plain weights file give the model too, e.g. `slab eval {path} --model NAME --data DATASET`")
     for key in ("step", "model", "optimizer", "lr_scheduler", "prepbn", "rng", "position"):
         if key not in state:
-            raise ValueError(f"checkpoint {path} lacks {key!r}")
+            raise UserError(f"checkpoint {path} lacks {key!r}: it was not written by `slab train`, or is damaged")
     return state
 
 

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UserError, did_you_mean
+from ..files import load_yaml_file
+
 __all__ = ["TrainConfig", "resolve_steps", "AMP_CHOICES"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
@@ -85,6 +88,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, the value and what is allowed."""
+        if not isinstance(self.model_kwargs, dict):
+            raise UserError(f"model_kwargs must be a mapping of model arguments like {{\"depth\": 4}}, got "
+                            f"{type(self.model_kwargs).__name__} {self.model_kwargs!r}")
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give the length of the run: max_steps (optimizer steps) or epochs")
         if self.max_steps is not None and int(self.max_steps) <= 0:
@@ -129,7 +135,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {cls.field_names()}")
+            named = ", ".join(f"{k!r}{did_you_mean(k, cls.field_names())}" for k in unknown)
+            raise UserError(f"unknown training option(s) {named}; known: {', '.join(cls.field_names())}")
         d = dict(d)
         if d.get("betas") is not None:
             d["betas"] = tuple(d["betas"])
@@ -148,23 +155,17 @@ class TrainConfig:
 
 def load_yaml(path: str | os.PathLike) -> dict:
     """A YAML config as a dict: a file path, or the name of a packaged config (``slab/configs/NAME.yaml``)."""
-    import yaml
     path = os.fspath(path)
     if not os.path.isfile(path):
         from importlib import resources
         name = path if path.endswith(".yaml") else path + ".yaml"
         packaged = resources.files("slab") / "configs" / os.path.basename(name)
         if not packaged.is_file():
-            raise FileNotFoundError(f"config {path!r} is neither a file nor a packaged config "
+            guess = did_you_mean(os.path.basename(path).removesuffix(".yaml"), list_configs())
+            raise FileNotFoundError(f"config {path!r} is neither a file nor a packaged config{guess} "
                                     f"({', '.join(list_configs())})")
-        text = packaged.read_text()
-    else:
-        with open(path) as f:
-            text = f.read()
-    d = yaml.safe_load(text) or {}
-    if not isinstance(d, dict):
-        raise ValueError(f"config {path!r} must be a YAML mapping of option names, got {type(d).__name__}")
-    return d
+        return load_yaml_file(name, packaged.read_text())
+    return load_yaml_file(path)
 
 
 def list_configs() -> list[str]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import check_device
+
 __all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "all_reduce_sum", "all_gather_objects",
            "barrier"]
 
@@ -40,7 +42,7 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     if device is None:
         dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     else:
-        dev = torch.device(device)
+        dev = check_device(device)  # an unknown device or a missing GPU is the user's to fix, not torch's to trace
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":

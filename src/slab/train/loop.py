@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..data import ResumableDistributedSampler, ShardSampler, build_dataset, dataset_info
+from ..errors import UserError, check_output_dir
 from ..layers.norm import PRepBN
 from ..schedule import PRepBNSchedule
 from . import checkpoint as ckpt
@@ -220,10 +221,11 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
     device = d.device
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU does not support bf16: use --amp fp16 or --amp none")
-    if cfg.sync_bn and d.distributed and device.type == "cpu":
-        raise ValueError("SyncBatchNorm needs GPUs (torch implements it for CUDA only); drop --sync-bn on CPU")
+    _check_sync_bn(cfg, d)
     if cfg.resume == "auto" and not cfg.output:
         raise ValueError("--resume auto needs --output (where the checkpoints are)")
+    if cfg.output and d.is_main:
+        check_output_dir(cfg.output)  # before minutes of work whose checkpoints could not be kept
 
     # resume point (every rank reads the same file)
     resume_path, state = None, None
@@ -290,13 +292,15 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
 
     # restore
     step, epoch, micro_in_epoch, best_top1 = 0, 0, 0, -1.0
+    finished_before = False
     if state is not None:
-        saved_total = state["prepbn"]["total_steps"]
-        if saved_total != total_steps:
-            raise ValueError(f"checkpoint {resume_path} belongs to a run of {saved_total} optimizer steps, this one has "
-                             f"{total_steps}: the LR and PRepBN schedules depend on the length. Resume with the same "
-                             f"--max-steps/--epochs, or start a new --output")
-        model.load_state_dict(state["model"])
+        _check_same_run(cfg, state, resume_path, total_steps)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first_line = str(e).splitlines()[0]
+            raise UserError(f"the weights in {resume_path} do not fit the model of this run ({first_line}): "
+                            f"resume with the run's settings (its config.yaml), or start a new --output") from None
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         prepbn.load_state_dict(state["prepbn"])
@@ -308,6 +312,7 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
             else:
                 ema.set(model)
         step = int(state["step"])
+        finished_before = step >= total_steps
         best_top1 = float(state.get("best_top1", -1.0))
         pos = state["position"]
         epoch, micro_in_epoch = int(pos["epoch"]), int(pos["micro_in_epoch"])
@@ -356,7 +361,7 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
             if callback is not None:
                 callback(rec)
 
-    def save(kind: str) -> str | None:
+    def save(kind: str, final: dict | None = None) -> str | None:
         nonlocal last_ckpt, best_ckpt
         if not cfg.output:
             return None
@@ -369,7 +374,7 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
                    "lr_scheduler": lr_sched.state_dict(), "prepbn": prepbn.state_dict(), "rng": rng_all,
                    "position": {"epoch": epoch, "micro_in_epoch": micro_in_epoch, "world_size": d.world_size,
                                 "batch_size": cfg.batch_size},
-                   "best_top1": best_top1, "config": cfg.to_dict(), "model_name": cfg.model}
+                   "best_top1": best_top1, "config": cfg.to_dict(), "model_name": cfg.model, "final": final}
             if kind == "best":
                 path = ckpt.atomic_save(obj, os.path.join(cfg.output, "checkpoints", "best.pt"))
                 best_ckpt = path
@@ -408,7 +413,10 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and d.is_main), dynamic_ncols=True,
                desc=f"train {cfg.model}", file=sys.stderr)
-    if d.is_main and resume_path and state is not None:
+    if d.is_main and finished_before:
+        print(f"slab train: {resume_path} ends a finished run ({step}/{total_steps} steps): nothing left to train; "
+              f"choose another --output, or a longer run in a new one, to train again", file=sys.stderr, flush=True)
+    elif d.is_main and resume_path and state is not None:
         print(f"slab train: resumed from {resume_path} at step {step}/{total_steps}", file=sys.stderr, flush=True)
 
     def micro_batches():
@@ -505,13 +513,16 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
         bar.close()
 
     final: dict = {}
-    if not stopped_early:
+    if finished_before:
+        # Evaluating and saving again would append a second final evaluation to metrics.jsonl on every call.
+        final = state.get("final") or _logged_eval(cfg.output, step) or run_eval()
+    elif not stopped_early:
         if cfg.recalibrate_batches > 0:
             recalibrate_bn(model, recalibration_loader(cfg, d), cfg.recalibrate_batches, device=device, amp=cfg.amp)
             if d.is_main:
                 emit({"type": "recalibrate", "step": step, "batches": cfg.recalibrate_batches})
         final = run_eval()
-        save("periodic")
+        save("periodic", final)
     log.close()
     model.eval()
     if ema is not None:
@@ -520,6 +531,54 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
                        final=final, steps=step, total_steps=total_steps, output_dir=cfg.output,
                        last_checkpoint=last_ckpt, best_checkpoint=best_ckpt, resumed_from=resume_path,
                        stopped_early=stopped_early, elapsed_s=time.time() - t_start)
+
+
+def _check_sync_bn(cfg: TrainConfig, d: DistInfo) -> None:
+    if not cfg.sync_bn:
+        return
+    if d.device.type != "cuda":
+        raise UserError(f"--sync-bn synchronises BatchNorm statistics across GPU processes (torch implements "
+                        f"SyncBatchNorm for CUDA only); this run is on {d.device}: drop --sync-bn")
+    if not d.distributed and d.is_main:
+        warnings.warn("--sync-bn in a single process has nothing to synchronise: BatchNorm runs as usual (launch "
+                      "with torchrun --nproc_per_node N for SyncBatchNorm across GPUs)", stacklevel=3)
+
+
+#: settings a resumed run must share with its checkpoint: they decide the weights' shapes or the data order
+_SAME_RUN_FIELDS = ("model", "model_kwargs", "img_size", "seed", "opt")
+
+
+def _plain(value):
+    # YAML, JSON and the CLI give lists where Python callers give tuples: compare them alike.
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _check_same_run(cfg: TrainConfig, state: dict, resume_path: str, total_steps: int) -> None:
+    """Refuse to resume a checkpoint with settings that would make a different run than the one it belongs to."""
+    saved = state.get("config") or {}
+    diffs = [f"{k} {saved[k]!r} there, {getattr(cfg, k)!r} here" for k in _SAME_RUN_FIELDS
+             if k in saved and _plain(saved[k]) != _plain(getattr(cfg, k))]
+    saved_total = state["prepbn"]["total_steps"]
+    if saved_total != total_steps:
+        diffs.insert(0, f"{saved_total} optimizer steps there, {total_steps} here (the LR and PRepBN schedules depend "
+                        f"on the length: give the same --max-steps/--epochs)")
+    if diffs:
+        raise UserError(f"checkpoint {resume_path} belongs to another run: " + "; ".join(diffs) + ". Resume with the "
+                        f"run's settings (its config.yaml), or start a new --output")
+
+
+def _logged_eval(output: str | None, step: int) -> dict | None:
+    """The last evaluation ``metrics.jsonl`` holds for ``step`` (how a finished run reports without re-evaluating)."""
+    from .plot import read_metrics
+    try:
+        evals = read_metrics(output)[1] if output else []
+    except FileNotFoundError:
+        return None
+    return next((r for r in reversed(evals) if r.get("step") == step), None)
 
 
 def load_trained_model(path: str, use_ema: bool = False, map_location="cpu") -> tuple[nn.Module, TrainConfig, dict]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import UserError, did_you_mean, output_error
+
 __all__ = ["read_metrics", "plot_runs"]
 
 
@@ -50,10 +52,19 @@ def plot_runs(run_dirs: list[str], output: str, labels: list[str] | None = None,
     import matplotlib.pyplot as plt
 
     labels = labels or [os.path.basename(os.path.normpath(r)) for r in run_dirs]
+    runs = [read_metrics(run) for run in run_dirs]  # every run readable before anything is drawn
+    for run, (train, evals) in zip(run_dirs, runs):
+        if not train and not evals:
+            raise UserError(f"{run} holds no training or evaluation records yet: plot it after its first step")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    kinds = fig.canvas.get_supported_filetypes()
+    suffix = os.path.splitext(output)[1].lstrip(".").lower()
+    if suffix not in kinds:
+        plt.close(fig)
+        raise UserError(f"cannot write a plot as {output!r}: the name must end in one of "
+                        f"{', '.join('.' + k for k in sorted(kinds))}{did_you_mean(suffix, kinds)}")
     (ax_loss, ax_top1), (ax_lr, ax_lam) = axes
-    for run, label in zip(run_dirs, labels):
-        train, evals = read_metrics(run)
+    for (train, evals), label in zip(runs, labels):
         if train:
             steps = [r["step"] for r in train]
             line, = ax_loss.plot(steps, _smooth([r["loss"] for r in train], smooth), label=label, lw=1.2)
@@ -83,7 +94,11 @@ def plot_runs(run_dirs: list[str], output: str, labels: list[str] | None = None,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        fig.savefig(output, dpi=110)
+    except OSError as e:
+        raise output_error(output, e) from None
+    finally:
+        plt.close(fig)
     return output
