@@ -181,7 +181,7 @@ def test_convert_lm_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, 
     elif case == "short-text":
         _save_llama_dir(tok, src)
         text = tmp_path / "short.txt"
-        text.write_text("Too short.\n\nStill short.\n")
+        text.write_text("\n\n".join(f"Word {i}." for i in range(20)))
         want = "too short"
     elif case == "warmup":
         _save_llama_dir(tok, src)
@@ -195,3 +195,61 @@ def test_convert_lm_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, 
     err = capsys.readouterr().err
     assert want in err and "Traceback" not in err
     assert case == "output-is-file" or not out.exists()
+
+
+def _trainer(model, blocks, out, steps, accum, callback):
+    from transformers import Trainer, TrainingArguments
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return blocks.shape[0]
+
+        def __getitem__(self, i):
+            return {"input_ids": blocks[i], "labels": blocks[i]}
+
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=accum, learning_rate=1e-3, save_steps=3, save_strategy="steps",
+                             logging_steps=100, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[callback])
+
+
+def test_prepbn_callback_drives_lam_from_the_optimizer_step_under_accumulation_and_resume(corpus, tmp_path):
+    from slab.lm import SlabLlamaConfig
+    from slab.lm.callbacks import PRepBNCallback
+    from slab.schedule import PRepBNSchedule
+    _, ds, tok = corpus
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
+    torch.manual_seed(0)
+    model = SlabLlamaForCausalLM(SlabLlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                 max_position_embeddings=16, norm="prepbn"))
+    seen = []
+    model.model.norm.register_forward_pre_hook(lambda m, a: seen.append(m.lam_value) if m.training else None)
+    want = PRepBNSchedule(None, 6, warmup_steps=1, transition_steps=4)
+    _trainer(model, blocks, tmp_path / "run", 6, 2, PRepBNCallback(warmup_steps=1, transition_steps=4)).train()
+    assert seen == [want.lam_at(s) for s in range(6) for _ in range(2)]  # both micro-batches of step s
+    seen.clear()
+    callback = PRepBNCallback(warmup_steps=1, transition_steps=4)
+    _trainer(model, blocks, tmp_path / "run", 6, 2, callback).train(resume_from_checkpoint=str(tmp_path / "run" /
+                                                                                              "checkpoint-3"))
+    assert seen == [want.lam_at(s) for s in range(3, 6) for _ in range(2)]
+    assert callback.lam == 0.0
+
+
+def test_prepbn_callback_calibrates_the_branches_when_lam_first_drops(corpus, tmp_path):
+    from slab.lm import SlabLlamaConfig
+    from slab.lm.callbacks import PRepBNCallback
+    _, ds, tok = corpus
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
+    torch.manual_seed(0)
+    model = SlabLlamaForCausalLM(SlabLlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                 max_position_embeddings=16, norm="prepbn"))
+    callback = PRepBNCallback(warmup_steps=2, transition_steps=0, calibration_batches=[(blocks[:8], None)])
+    weights = []
+    model.model.norm.register_forward_pre_hook(
+        lambda m, a: weights.append(float(m.repbn.bn.weight.abs().sum())) if m.training else None)
+    _trainer(model, blocks, tmp_path / "run", 4, 1, callback).train()
+    assert callback.calibrated
+    assert weights[:2] == [0.0, 0.0] and weights[2] > 0  # zero branches until the switch, calibrated at it

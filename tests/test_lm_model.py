@@ -197,6 +197,9 @@ def test_bad_input():
         m(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids must be in"):
         m(torch.full((1, 4), TINY["vocab_size"]))
+    for dtype in (torch.float64, torch.float32, torch.uint8, torch.bool):
+        with pytest.raises(ValueError, match="integer token ids"):
+            m(ids(1, 4).to(dtype))
     with pytest.raises(ValueError, match="too long"):
         m.generate(ids(1, 40), max_new_tokens=20, do_sample=False)
     # a row that is all padding: finite outputs, in eval and in training

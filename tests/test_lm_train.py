@@ -157,7 +157,7 @@ def test_train_lm_cli_end_to_end(corpus, tmp_path):
     args = ["train-lm", "--text", str(d), "--output", str(out), "--steps", "4", "--batch-size", "4", "--hidden", "32",
             "--layers", "1", "--heads", "2", "--vocab-size", "300", "--seq-len", "16", "--eval-blocks", "8",
             "--save-every", "2", "--recalibrate-batches", "2", "--no-progress", "--padding", "pad",
-            "--bn-stats", "causal"]
+            "--bn-stats", "causal", "--warmup", "1"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 4 and math.isfinite(res["ppl"])
@@ -209,7 +209,7 @@ def test_calibrated_transition_starts_at_the_rmsnorm_model(corpus, tmp_path):
     """bn_init='calibrate': when lam first drops, every RepBN is fitted (in forward order) to the model's own
     RMSNorm form, so the abrupt switch keeps the logits close where the authors' zero branches give zeros."""
     from slab.lm.convert import rmsnorm_form
-    from slab.lm.train import _initialise_bn_branches
+    from slab.lm.train import init_bn_branches
     _, ds, tok = corpus
     blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
     logs = []
@@ -220,7 +220,7 @@ def test_calibrated_transition_starts_at_the_rmsnorm_model(corpus, tmp_path):
     assert any("step 3:" in line and "bn_init='calibrate'" in line for line in logs), logs
     assert [h["lam"] for h in res["history"]] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     teacher = rmsnorm_form(model)
-    _initialise_bn_branches(model, "calibrate", [(blocks[i * 8:(i + 1) * 8], None) for i in range(2)])
+    init_bn_branches(model, "calibrate", [(blocks[i * 8:(i + 1) * 8], None) for i in range(2)])
     probe = blocks[16:24]
     with torch.no_grad():
         ref = teacher(input_ids=probe).logits

@@ -156,7 +156,7 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         calib = train_ids.view(-1, 2 * args.seq_len)[: args.calib_batches * bs] if train_ids.shape[0] % 2 == 0 else \
             train_ids[:-1].reshape(-1, 2 * args.seq_len)[: args.calib_batches * bs]
         fits = calibrate_repbn(model, llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
-                               sequential=False)
+                               sequential=True)
         results["calibration"] = {"seconds": time.time() - t0, "tokens": int(calib.numel()),
                                   "fit_error": {f["name"]: f["fit_error"] for f in fits}}
         results["ppl_calibrated"] = perplexity(model, eval_ids, batch_size=eval_bs, device=device)

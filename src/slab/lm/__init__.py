@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_slab_llama import BN_STATS, LM_NORMS, SlabLlamaConfig
 from .modeling_slab_llama import (SlabLlamaDecoderLayer, SlabLlamaForCausalLM, SlabLlamaModel,
                                   SlabLlamaPreTrainedModel)
+from .callbacks import PRepBNCallback
 from .norm import CausalRepBN
 
 AutoConfig.register(SlabLlamaConfig.model_type, SlabLlamaConfig, exist_ok=True)
@@ -16,4 +17,4 @@ AutoModel.register(SlabLlamaConfig, SlabLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(SlabLlamaConfig, SlabLlamaForCausalLM, exist_ok=True)
 
 __all__ = ["SlabLlamaConfig", "SlabLlamaModel", "SlabLlamaForCausalLM", "SlabLlamaPreTrainedModel",
-           "SlabLlamaDecoderLayer", "CausalRepBN", "LM_NORMS", "BN_STATS"]
+           "SlabLlamaDecoderLayer", "CausalRepBN", "PRepBNCallback", "LM_NORMS", "BN_STATS"]

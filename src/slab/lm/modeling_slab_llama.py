@@ -130,6 +130,9 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape)
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {shape}")
+        if input_ids is not None and input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids (torch.long or torch.int32), got {input_ids.dtype}; "
+                             f"tokenize the text (tokenizer(..., return_tensors='pt')) or cast with .long()")
         if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size):
             raise ValueError(f"inputs_embeds must be [B, T, {self.config.hidden_size}], got shape {shape}")
         if shape[0] == 0 or shape[1] == 0:

@@ -24,7 +24,7 @@ from ..layers.norm import PRepBN, RepBN, pop_branch_gap, record_branch_gaps
 from ..schedule import PRepBNSchedule
 from ..train.checkpoint import atomic_save
 
-__all__ = ["TrainLMConfig", "train_lm", "perplexity", "fit_bn_to_ln", "recalibrate_bn", "save_checkpoint",
+__all__ = ["TrainLMConfig", "train_lm", "perplexity", "fit_bn_to_ln", "init_bn_branches", "recalibrate_bn", "save_checkpoint",
            "load_checkpoint", "init_distributed"]
 
 
@@ -285,7 +285,7 @@ def _optimizer(model: nn.Module, cfg: TrainLMConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _initialise_bn_branches(model: nn.Module, how: str, batches: list) -> int:
+def init_bn_branches(model: nn.Module, how: str, batches: list) -> int:
     """``fit``: each RepBN to its own RMSNorm branch; ``calibrate``: in forward order, on the activations of the
     model whose earlier norms are already RepBN, against the model's RMSNorm form (``lam = 1``)."""
     if how == "fit":
@@ -387,7 +387,7 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
         if schedule is not None and cfg.bn_init != "zero" and not state["fitted"] and schedule.lam_at(step) < 1.0:
             fit_batches = [tuple(t.to(device) if t is not None else None for t in batches.get(i))
                            for i in range(cfg.fit_batches)]
-            n = _initialise_bn_branches(model, cfg.bn_init, fit_batches)
+            n = init_bn_branches(model, cfg.bn_init, fit_batches)
             model.train()
             state["fitted"] = True
             if rank == 0:
