@@ -2,7 +2,7 @@
 
     python benchmarks/lm_curves.py OUT.png RUN_DIR[=LABEL] ...
 
-Reads each run's results.json (``history``: one entry per optimizer step with ``loss`` and ``lam``), smooths
+Reads each run's results.json (or checkpoint.pt: ``history``: one entry per optimizer step with ``loss`` and ``lam``), smooths
 the loss over 25 steps and draws lambda of the PRepBN runs on a second axis.
 """
 import json
@@ -24,6 +24,15 @@ def smooth(values, width=25):
     return out
 
 
+def load_history(run: Path) -> list[dict]:
+    """results.json's ``history``, or the one in checkpoint.pt (runs whose results predate the field)."""
+    res = json.loads((run / "results.json").read_text())
+    if "history" in res:
+        return res["history"]
+    import torch
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["history"]
+
+
 def main(argv):
     if len(argv) < 2:
         raise SystemExit(__doc__)
@@ -32,8 +41,7 @@ def main(argv):
     lam_ax = ax.twinx()
     for spec in runs:
         path, _, label = spec.partition("=")
-        res = json.loads((Path(path) / "results.json").read_text())
-        hist = res["history"]
+        hist = load_history(Path(path))
         steps = [h["step"] for h in hist]
         line, = ax.plot(steps, smooth([h["loss"] for h in hist]), label=label or Path(path).name)
         if any(h.get("lam") is not None for h in hist):

@@ -103,7 +103,7 @@ def test_distillation_lowers_the_converted_models_divergence(corpus, tmp_path):
             return float(distillation_loss(student(input_ids=probe).logits, llama(input_ids=probe).logits))
 
     before = kl()
-    cfg = TrainLMConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=1, prepbn_transition=0.0, weight_decay=0.0,
+    cfg = TrainLMConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=1, prepbn_warmup=0, prepbn_transition=0.0, weight_decay=0.0,
                         distill=True, save_every=100)
     res = train_lm(student, blocks, cfg, tmp_path / "run", progress=False, log=lambda *a: None, teacher=llama)
     assert res["lam"] == 0.0 and res["bad_steps"] == 0

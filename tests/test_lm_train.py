@@ -67,7 +67,7 @@ def test_training_resumes_exactly(corpus, tmp_path):
     _, ds, tok = corpus
     blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
     cfg = TrainLMConfig(steps=6, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, save_every=2,
-                        prepbn_transition=0.5, bn_init="fit", fit_batches=2)
+                        prepbn_warmup=0, prepbn_transition=0.5, bn_init="fit", fit_batches=2)
     full = tiny_lm(tok)
     res = train_lm(full, blocks, cfg, tmp_path / "a", progress=False, log=lambda *a: None)
     assert res["step"] == 6 and res["lam"] == 0.0 and res["bad_steps"] == 0
@@ -181,7 +181,7 @@ def test_schedule_lambda_reaches_model_through_training(corpus, tmp_path):
     blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
     model = tiny_lm(tok)
     set_prepbn_lambda(model, 1.0)
-    train_lm(model, blocks, TrainLMConfig(steps=2, batch_size=4, prepbn_transition=0.5), tmp_path,
+    train_lm(model, blocks, TrainLMConfig(steps=2, batch_size=4, prepbn_warmup=0, prepbn_transition=0.5), tmp_path,
              progress=False, log=lambda *a: None)
     assert all(m.lam_value == 0.0 for m in model.modules() if isinstance(m, PRepBN))
 
@@ -197,12 +197,13 @@ def test_train_lm_ddp_two_processes(corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
            "-m", "slab", "train-lm", "--text", str(d), "--output", str(out), "--steps", "3", "--batch-size", "4",
            "--hidden", "32", "--layers", "1", "--heads", "2", "--vocab-size", "300", "--seq-len", "16",
-           "--eval-blocks", "8", "--recalibrate-batches", "2", "--no-progress", "--threads", "1"]
+           "--eval-blocks", "8", "--recalibrate-batches", "2", "--no-progress", "--threads", "1", "--warmup", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["steps"] == 3 and math.isfinite(res["ppl_fused"])
+    assert "bn_init='calibrate'" in proc.stdout  # the default recipe's switch ran under DDP (branches from rank 0)
 
 
 def test_calibrated_transition_starts_at_the_rmsnorm_model(corpus, tmp_path):

@@ -42,8 +42,10 @@ def register(sub) -> None:
                    help="BN statistics while fine-tuning (running: the calibrated ones, as in eval)")
     p.add_argument("--train-params", default="no-embeddings", choices=["all", "no-embeddings"],
                    help="no-embeddings freezes the (tied) embedding/lm_head matrix: faster on CPU")
-    p.add_argument("--calib-batches", type=int, default=4, help="batches of --batch-size x 2*--seq-len tokens")
-    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of 2*--seq-len tokens")
+    p.add_argument("--calib-batches", type=int, default=4, help="batches of --batch-size x --seq-len tokens")
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --eval-len tokens")
+    p.add_argument("--eval-len", type=int, default=None,
+                   help="tokens per held-out block (default: 2 x --seq-len, at most the model's context)")
     p.add_argument("--recalibrate-batches", type=int, default=16)
     p.add_argument("--bench-new-tokens", type=int, default=16)
     p.add_argument("--no-bench", action="store_true")
@@ -109,7 +111,13 @@ def run(args) -> int:
     bs = args.batch_size
     train_ids = _blocks(tokenizer, ds["train"]["text"], args.seq_len, bs * max(1, args.recalibrate_batches),
                         "training")
-    eval_ids = _blocks(tokenizer, ds["test"]["text"], 2 * args.seq_len, 1, "held-out", max_blocks=args.eval_blocks)
+    context = llama.config.max_position_embeddings
+    if args.seq_len > context:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context ({context} tokens)")
+    eval_len = args.eval_len or min(2 * args.seq_len, context)
+    if eval_len > context:
+        raise ValueError(f"--eval-len {eval_len} is longer than the model's context ({context} tokens)")
+    eval_ids = _blocks(tokenizer, ds["test"]["text"], eval_len, 1, "held-out", max_blocks=args.eval_blocks)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -153,8 +161,7 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         (0.0 if args.init == "calibrate" else 0.7)
     if args.init == "calibrate":
         t0 = time.time()
-        calib = train_ids.view(-1, 2 * args.seq_len)[: args.calib_batches * bs] if train_ids.shape[0] % 2 == 0 else \
-            train_ids[:-1].reshape(-1, 2 * args.seq_len)[: args.calib_batches * bs]
+        calib = train_ids[: args.calib_batches * bs]
         fits = calibrate_repbn(model, llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
                                sequential=True)
         results["calibration"] = {"seconds": time.time() - t0, "tokens": int(calib.numel()),
@@ -165,7 +172,8 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
     if args.steps:
         cfg = TrainLMConfig(steps=args.steps, batch_size=bs, grad_accum=args.grad_accum, lr=args.lr,
                             warmup_steps=args.warmup if args.warmup is not None else max(1, args.steps // 20),
-                            min_lr_ratio=0.1, weight_decay=0.0, prepbn_transition=transition,
+                            min_lr_ratio=0.1, weight_decay=0.0, prepbn_warmup=0, prepbn_transition=transition,
+                            bn_init="keep",  # calibrated above against the original, or the authors' zeros
                             save_every=max(10, args.steps // 4), amp=args.amp, seed=args.seed,
                             train_params=args.train_params, distill=args.objective == "distill")
         t0 = time.time()

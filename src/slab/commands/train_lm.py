@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--norm", default="prepbn", choices=["rmsnorm", "prepbn", "repbn"])
     p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running"],
                    help="BN statistics in training: batch (authors'; leaks future tokens), causal (prefix), running")
-    p.add_argument("--bn-init", default="zero", choices=["zero", "fit", "calibrate"],
-                   help="RepBN branch init: zero (authors') or fit to the RMSNorm branch when lam starts to decay")
+    p.add_argument("--bn-init", default="calibrate", choices=["zero", "fit", "calibrate"],
+                   help="RepBN branches when lam first drops: calibrate (default: sequential least squares against the "
+                        "model's RMSNorm form), fit (each to its own RMSNorm), zero (the authors')")
     p.add_argument("--bn-consistency", type=float, default=0.0,
                    help="weight of the branch-consistency loss (RepBN branch vs detached RMSNorm branch) in the transition")
     p.add_argument("--hidden", type=int, default=128)
@@ -41,10 +42,11 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--prepbn-warmup", type=int, default=None,
                    help="steps with lam = 1 (RMSNorm only); default: --prepbn-warmup-fraction of --steps")
-    p.add_argument("--prepbn-warmup-fraction", type=float, default=0.0,
+    p.add_argument("--prepbn-warmup-fraction", type=float, default=0.6,
                    help="steps with lam = 1 as a fraction of --steps")
-    p.add_argument("--prepbn-transition", type=float, default=0.8,
-                   help="PRepBN decay length as a fraction of --steps (warm-up + transition must fit in --steps)")
+    p.add_argument("--prepbn-transition", type=float, default=0.0,
+                   help="PRepBN decay length as a fraction of --steps (default 0: the calibrated switch at once; the "
+                        "authors decay over most of the run, e.g. 0.8 with --bn-init zero --prepbn-warmup-fraction 0)")
     p.add_argument("--recalibrate-batches", type=int, default=16)
     p.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks for perplexity")
     p.add_argument("--held-out", type=float, default=0.05, help="fraction of entries held out")

@@ -226,10 +226,15 @@ class TrainLMConfig:
     warmup_steps: int = 20              # LR warm-up
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    prepbn_warmup: int = 0              # steps with lam = 1
-    prepbn_transition: float = 0.8      # PRepBN decay length T as a fraction of the total steps
-    bn_init: str = "zero"               # 'zero' (authors), 'fit' (least squares to each RMSNorm branch), or
-                                        # 'calibrate' (sequential least squares, see slab.lm.convert)
+    # The PRepBN recipe (docs/language_models.md): RMSNorm alone for 60 % of the run, then every RepBN branch
+    # calibrated against the model's RMSNorm form and the switch made at once (T = 0); the authors' is a zero
+    # start (bn_init='zero') and a linear decay over most of the run (prepbn_transition=0.8).
+    prepbn_warmup: int | None = None    # steps with lam = 1; None: prepbn_warmup_fraction of the steps
+    prepbn_warmup_fraction: float = 0.6
+    prepbn_transition: float = 0.0      # PRepBN decay length T as a fraction of the total steps
+    bn_init: str = "calibrate"          # 'zero' (authors), 'fit' (least squares to each RMSNorm branch), or
+                                        # 'calibrate' (sequential least squares, see slab.lm.convert);
+                                        # 'keep': leave the branches as they are (set before training)
     bn_consistency: float = 0.0         # weight of the PRepBN branch-consistency loss during the transition
     distill: bool = False               # objective: KL to a teacher's next-token distribution instead of the labels
     fit_batches: int = 4
@@ -262,6 +267,13 @@ class _Batches:
         start = (k * self.world + self.rank) * self.bs
         idx = self._perm[start: start + self.bs]
         return self.ids[idx], (self.mask[idx] if self.mask is not None else None)
+
+
+def prepbn_warmup_steps(cfg: TrainLMConfig) -> int:
+    """Steps with ``lam = 1``: ``cfg.prepbn_warmup``, or ``cfg.prepbn_warmup_fraction`` of ``cfg.steps``."""
+    if cfg.prepbn_warmup is not None:
+        return cfg.prepbn_warmup
+    return int(round(cfg.prepbn_warmup_fraction * cfg.steps))
 
 
 def _lr_lambda(cfg: TrainLMConfig):
@@ -334,7 +346,7 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
     output_dir = Path(output_dir)
     ckpt_path = output_dir / "checkpoint.pt"
     model.to(device)
-    schedule = PRepBNSchedule(model, total_steps=cfg.steps, warmup_steps=cfg.prepbn_warmup,
+    schedule = PRepBNSchedule(model, total_steps=cfg.steps, warmup_steps=prepbn_warmup_steps(cfg),
                               transition_fraction=cfg.prepbn_transition) \
         if any(isinstance(m, PRepBN) for m in model.modules()) else None
     optimizer = _optimizer(model, cfg)
@@ -384,10 +396,15 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
     record_branch_gaps(model, consistency)
     while state["step"] < cfg.steps:
         step = state["step"]
-        if schedule is not None and cfg.bn_init != "zero" and not state["fitted"] and schedule.lam_at(step) < 1.0:
+        if schedule is not None and cfg.bn_init not in ("zero", "keep") and not state["fitted"] \
+                and schedule.lam_at(step) < 1.0:
             fit_batches = [tuple(t.to(device) if t is not None else None for t in batches.get(i))
                            for i in range(cfg.fit_batches)]
             n = init_bn_branches(model, cfg.bn_init, fit_batches)
+            if ddp:  # each rank fitted on its own batches: every rank takes rank 0's branches
+                for m in _repbns(model):
+                    for t in list(m.parameters()) + list(m.buffers()):
+                        dist.broadcast(t.data, src=0)
             model.train()
             state["fitted"] = True
             if rank == 0:
