@@ -11,7 +11,7 @@ import slab
 from slab.cli import main
 from slab.layers.norm import PRepBN
 from slab.lm import SlabLlamaForCausalLM, data
-from slab.lm.convert import _LeastSquares, _set_fit, calibrate_repbn, distillation_loss
+from slab.lm.convert import LeastSquares, set_fitted_map, calibrate_repbn, distillation_loss
 from slab.lm.norm import CausalRepBN, FirstTokenAffine
 from slab.lm.train import TrainLMConfig, train_lm
 
@@ -49,11 +49,11 @@ def test_least_squares_fit_is_exact_where_rmsnorm_is_linear():
     y = norm.ln(x).detach()
     first = torch.zeros(6, 10, dtype=torch.bool)
     first[:, 0] = True
-    fits = (_LeastSquares(), _LeastSquares())
+    fits = (LeastSquares(), LeastSquares())
     fits[0].add(x[~first], y[~first])
     fits[1].add(x[first], y[first])
     with torch.no_grad():
-        _set_fit(norm, *fits)
+        set_fitted_map(norm, *fits)
     norm.eval()
     assert_close("fitted RepBN with first-token map", y, norm(x, None, first=first), 1e-4)
     shared = norm.repbn.bn(x.reshape(-1, 16)).reshape(x.shape)

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 
 from ..layers.norm import PRepBN
 
-__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form"]
+__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form", "LeastSquares", "set_fitted_map"]
 
 
 class _Stop(Exception):
     pass
 
 
-class _LeastSquares:
+class LeastSquares:
     """Per-channel running sums for ``y ~ s * x + t`` (float64)."""
 
     def __init__(self):
@@ -45,6 +45,16 @@ class _LeastSquares:
         self.sums = terms if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
         self.n += x.shape[0]
 
+    def all_reduce(self) -> None:
+        """Sum over DDP ranks (each fitted on its own batches)."""
+        import torch.distributed as dist
+        if self.sums is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        n = torch.tensor([self.n], dtype=torch.float64, device=self.sums[0].device)
+        for t in self.sums + [n]:
+            dist.all_reduce(t)
+        self.n = float(n)
+
     def fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(s, t, mean_x, var_x)``; a channel that does not vary keeps ``s = 0``, ``t = mean(y)``."""
         sx, sy, sxx, sxy = (v / self.n for v in self.sums)
@@ -54,7 +64,7 @@ class _LeastSquares:
         return s, sy - s * sx, sx, var_x
 
 
-def _set_fit(norm: PRepBN, main: _LeastSquares, first: _LeastSquares | None) -> None:
+def set_fitted_map(norm: PRepBN, main: LeastSquares, first: LeastSquares | None) -> None:
     """Give ``norm.repbn`` the eval map ``x * s + t`` of ``main`` (and the first-token map of ``first``)."""
     repbn = norm.repbn
     bn = repbn.bn
@@ -112,12 +122,12 @@ def _run_capturing(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules
 
 def _fit_norm(norm: PRepBN, xs: list[torch.Tensor], ys: list[torch.Tensor], keeps) -> dict:
     """Least-squares fit of ``norm``'s RepBN from inputs ``xs`` to targets ``ys`` (one tensor per batch)."""
-    fits = (_LeastSquares(), _LeastSquares())
+    fits = (LeastSquares(), LeastSquares())
     for x, y, keep_pair in zip(xs, ys, keeps):
         for fit, keep in zip(fits, keep_pair):
             if keep.any():
                 fit.add(_rows(x, keep), _rows(y, keep))
-    _set_fit(norm, *fits)
+    set_fitted_map(norm, *fits)
     return _fit_report(norm, list(zip(xs, ys)), keeps)
 
 

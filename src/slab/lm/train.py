@@ -59,12 +59,6 @@ def _repbns(model: nn.Module) -> list[RepBN]:
     return [m for m in model.modules() if isinstance(m, RepBN)]
 
 
-def _all_reduce(tensors: list[torch.Tensor]) -> None:
-    if dist.is_available() and dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
 @torch.no_grad()
 def fit_bn_to_ln(model: nn.Module, batches) -> int:
     """Initialise every PRepBN's RepBN branch as the per-channel affine map closest to its RMSNorm branch.
@@ -72,31 +66,28 @@ def fit_bn_to_ln(model: nn.Module, batches) -> int:
     Over ``batches`` (iterable of ``(input_ids, attention_mask or None)``), with ``lam = 1``, collects for
     each PRepBN the input ``x`` and RMSNorm output ``y`` of real tokens and sets the BN so that in eval
     ``RepBN(x) = s * x + t`` with ``s = Cov(x, y) / Var(x)``, ``t = E[y] - s E[x]`` per channel (least
-    squares), alpha 0. The authors start this branch at zero; starting at the best affine
-    approximation lets a short fine-tune survive the transition. Returns the number of norms fitted.
+    squares), alpha 0, each on the unchanged model's activations (``bn_init='calibrate'`` fits them in forward
+    order on the replaced model's, which composes far better). Returns the number of norms fitted.
     """
+    from .convert import LeastSquares, set_fitted_map
     norms = [m for m in model.modules() if isinstance(m, PRepBN)]
     if not norms:
         return 0
     lams = [m.lam_value for m in norms]
-    sums: dict[int, list[torch.Tensor]] = {}
+    fits = [LeastSquares() for _ in norms]
     current_mask: list[torch.Tensor | None] = [None]
 
-    def hook(idx):
+    def hook(fit):
         def fn(module, inputs, output):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            y = output.detach().float().reshape(-1, output.shape[-1])
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            y = output.detach().reshape(-1, output.shape[-1])
             if current_mask[0] is not None:
                 keep = current_mask[0].reshape(-1)
                 x, y = x[keep], y[keep]
-            acc = sums.setdefault(idx, [torch.zeros((), dtype=torch.float64, device=x.device)] +
-                                  [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device) for _ in range(5)])
-            acc[0] += x.shape[0]
-            for k, v in enumerate((x, y, x * x, x * y, y * y), start=1):
-                acc[k] += v.double().sum(0)
+            fit.add(x, y)
         return fn
 
-    handles = [m.ln.register_forward_hook(hook(i)) for i, m in enumerate(norms)]
+    handles = [m.ln.register_forward_hook(hook(fit)) for m, fit in zip(norms, fits)]
     was_training = model.training
     try:
         for m in norms:
@@ -111,29 +102,13 @@ def fit_bn_to_ln(model: nn.Module, batches) -> int:
         for m, lam in zip(norms, lams):
             m.set_lambda(lam)
         model.train(was_training)
-    for i, m in enumerate(norms):
-        if i not in sums:
-            continue
-        acc = sums[i]
-        _all_reduce(acc)
-        n, sx, sy, sxx, sxy, _ = acc
-        if float(n) < 2:
-            continue
-        mean_x, mean_y = sx / n, sy / n
-        var_x = (sxx / n - mean_x ** 2).clamp(min=0.0)
-        cov = sxy / n - mean_x * mean_y
-        bn = m.repbn.bn
-        s = torch.where(var_x > 1e-12, cov / var_x.clamp_min(1e-12), torch.zeros_like(cov))
-        t = mean_y - s * mean_x
-        std = torch.sqrt(var_x + bn.eps)  # eval: BN(x) = (x - mean) / std * gamma + beta = s x + t
-        dt = bn.weight.dtype
-        bn.running_mean.copy_(mean_x.to(dt))
-        bn.running_var.copy_(var_x.to(dt))
-        bn.num_batches_tracked.fill_(1)
-        bn.weight.copy_((s * std).to(dt))
-        bn.bias.copy_((t + s * mean_x).to(dt))
-        m.repbn.alpha.zero_()
-    return len(sums)
+    fitted = 0
+    for m, fit in zip(norms, fits):
+        fit.all_reduce()
+        if fit.n >= 2:
+            set_fitted_map(m, fit, None)
+            fitted += 1
+    return fitted
 
 
 @torch.no_grad()
