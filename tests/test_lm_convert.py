@@ -214,16 +214,20 @@ def _trainer(model, blocks, out, steps, accum, callback):
     return Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[callback])
 
 
-def test_prepbn_callback_drives_lam_from_the_optimizer_step_under_accumulation_and_resume(corpus, tmp_path):
+def _trainer_model(corpus):
     from slab.lm import SlabLlamaConfig
-    from slab.lm.callbacks import PRepBNCallback
-    from slab.schedule import PRepBNSchedule
     _, ds, tok = corpus
-    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
     torch.manual_seed(0)
     model = SlabLlamaForCausalLM(SlabLlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                                  num_hidden_layers=1, num_attention_heads=2,
                                                  max_position_embeddings=16, norm="prepbn"))
+    return model, data.pack_tokens(tok, ds["train"]["text"], 16)
+
+
+def test_prepbn_callback_drives_lam_from_the_optimizer_step_under_accumulation_and_resume(corpus, tmp_path):
+    from slab.lm.callbacks import PRepBNCallback
+    from slab.schedule import PRepBNSchedule
+    model, blocks = _trainer_model(corpus)
     seen = []
     model.model.norm.register_forward_pre_hook(lambda m, a: seen.append(m.lam_value) if m.training else None)
     want = PRepBNSchedule(None, 6, warmup_steps=1, transition_steps=4)
@@ -238,14 +242,8 @@ def test_prepbn_callback_drives_lam_from_the_optimizer_step_under_accumulation_a
 
 
 def test_prepbn_callback_calibrates_the_branches_when_lam_first_drops(corpus, tmp_path):
-    from slab.lm import SlabLlamaConfig
     from slab.lm.callbacks import PRepBNCallback
-    _, ds, tok = corpus
-    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
-    torch.manual_seed(0)
-    model = SlabLlamaForCausalLM(SlabLlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=1, num_attention_heads=2,
-                                                 max_position_embeddings=16, norm="prepbn"))
+    model, blocks = _trainer_model(corpus)
     callback = PRepBNCallback(warmup_steps=2, transition_steps=0, calibration_batches=[(blocks[:8], None)])
     weights = []
     model.model.norm.register_forward_pre_hook(
