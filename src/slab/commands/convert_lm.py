@@ -34,9 +34,9 @@ def register(sub) -> None:
                         "zero BN branches with a PRepBN transition over --prepbn-transition of the steps")
     p.add_argument("--objective", default="distill", choices=["distill", "ce"],
                    help="distill: KL to the original model's next-token distribution; ce: the text's next tokens")
-    p.add_argument("--prepbn-transition", type=float, default=0.8,
-                   help="fraction of --steps over which lam goes 1 -> 0 from the calibrated (or zero) branches; 0 switches "
-                        "at once, which suits small models but diverges on SmolLM2 (docs/language_models.md)")
+    p.add_argument("--prepbn-transition", type=float, default=0.0,
+                   help="fraction of --steps over which lam goes 1 -> 0 from the calibrated (or zero) branches; 0 (default) "
+                        "switches at once, which did best in docs/language_models.md; use e.g. 0.8 with --init zero")
     p.add_argument("--no-first-token-affine", action="store_true",
                    help="map the first token with the shared per-channel affine (ablation; it is the attention sink)")
     p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running"],
