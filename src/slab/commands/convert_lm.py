@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak learning rate (1e-3: x2.3 on SmolLM2 in 40 steps where 1e-4 gave x8.3)")
     p.add_argument("--warmup", type=int, default=None, help="LR warm-up steps (default: 5%% of --steps)")
     p.add_argument("--init", default="calibrate", choices=["calibrate", "zero"],
                    help="calibrate: least-squares RepBN maps from the original's activations; zero: the authors' "
