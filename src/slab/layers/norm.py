@@ -278,14 +278,12 @@ class PRepBN(nn.Module):
             return self.repbn(x, mask, **repbn_kwargs)
         if self._lam >= 1.0:
             return self._layer_norm(x)
-        if self.record_branch_gap or repbn_kwargs:
-            return self._mix(x, mask, **repbn_kwargs)
-        if isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
+        plain = not (self.record_branch_gap or repbn_kwargs)
+        if plain and isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
             # Transition: one fused LN + BN + alpha computation (hooks on self.ln do not fire here).
             self.repbn._check(x)
             return self.repbn.progressive(x, self.ln.weight, self.ln.bias, self.lam, self.ln.eps)
-        lam = self.lam.to(x.dtype)
-        return lam * self._layer_norm(x) + (1.0 - lam) * self.repbn(x, mask)
+        return self._mix(x, mask, **repbn_kwargs)
 
     def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, **repbn_kwargs) -> torch.Tensor:
         """The composed transition mix, recording ``branch_gap`` when asked to."""
