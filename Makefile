@@ -72,6 +72,13 @@ demo-lm: setup lm-data
 test: setup data lm-data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
+# transformers' own ModelTesterMixin (tests/test_modeling_common.py of the installed version's sdist, which pip
+# downloads once into ~/.cache/slab/peer) on SLAB-LLaMA in four forms and on transformers' LlamaForCausalLM for
+# comparison; expected failures are listed with their reasons (-rx). About 75 s on 1 thread. `make test` runs it too.
+.PHONY: peer-test-transformers
+peer-test-transformers: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -rx tests/peer/test_transformers_contract.py
+
 bench: setup
 	$(VENV)/bin/slab bench --output outputs/bench
 

@@ -188,7 +188,8 @@ def test_schedule_lambda_reaches_model_through_training(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_train_lm_ddp_two_processes(corpus, tmp_path):
-    """torchrun with 2 CPU ranks (gloo): PRepBN leaves a branch unused, ranks agree, rank 0 saves."""
+    """torchrun with 2 CPU ranks (gloo), DDP without find_unused_parameters (PRepBN gives the branch it skips zero
+    gradients): ranks agree, rank 0 saves."""
     import os
     import subprocess
     import sys

@@ -225,6 +225,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def _zero_through(branch: nn.Module) -> torch.Tensor:
+    """A scalar 0 that depends on every trainable parameter of ``branch``.
+
+    Added to the output of a training forward that skips ``branch`` (PRepBN's RepBN during warm-up, its LN after
+    the transition), it gives those parameters a zero gradient instead of none: DDP then runs without
+    ``find_unused_parameters`` and every parameter has a gradient, at the cost of one sum per parameter tensor
+    (the skipped branch itself is not computed, so the warm-up leaves the BN statistics alone).
+    """
+    anchor = None
+    for p in branch.parameters():
+        if p.requires_grad:
+            anchor = p.sum() if anchor is None else anchor + p.sum()
+    return anchor * 0.0 if anchor is not None else torch.zeros(())
+
+
 class PRepBN(nn.Module):
     """Progressive RepBN: ``lam * LN(x) + (1 - lam) * RepBN(x)`` in training, ``RepBN(x)`` in eval.
 
@@ -274,10 +289,12 @@ class PRepBN(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **repbn_kwargs) -> torch.Tensor:
         """``repbn_kwargs`` go to the RepBN branch (the language models' ``first=`` token mask)."""
-        if not self.training or self._lam <= 0.0:
+        if not self.training:
             return self.repbn(x, mask, **repbn_kwargs)
+        if self._lam <= 0.0:
+            return self.repbn(x, mask, **repbn_kwargs) + _zero_through(self.ln)
         if self._lam >= 1.0:
-            return self._layer_norm(x)
+            return self._layer_norm(x) + _zero_through(self.repbn)
         plain = not (self.record_branch_gap or repbn_kwargs)
         if plain and isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
             # Transition: one fused LN + BN + alpha computation (hooks on self.ln do not fire here).

@@ -10,8 +10,6 @@ returns a norm-free model (``norm='none'``) that computes the same function.
 Attention, MLP and rotary embedding are transformers' LLaMA modules; submodule names are LLaMA's, so
 a LLaMA checkpoint converts by copying (:meth:`SlabLlamaForCausalLM.from_llama`).
 """
-from __future__ import annotations
-
 import copy
 
 import torch
@@ -22,7 +20,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from ..layers.norm import PRepBN, RepBN
 from ..reparam.fold import NotFoldableError
@@ -31,12 +34,18 @@ from .norm import MASKED_NORMS, apply_norm, fold_norm, make_norm
 
 __all__ = ["SlabLlamaDecoderLayer", "SlabLlamaPreTrainedModel", "SlabLlamaModel", "SlabLlamaForCausalLM"]
 
+logger = logging.get_logger(__name__)
+
 
 def _ensure_bias(linear: nn.Linear) -> None:
     """Give ``linear`` a zero bias if it has none (the folded layout always has one)."""
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
                                                dtype=linear.weight.dtype))
+
+
+def _rope_type(config: SlabLlamaConfig) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
 
 
 class SlabLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -62,7 +71,7 @@ class SlabLlamaDecoderLayer(GradientCheckpointingLayer):
                 use_cache: bool | None = False,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 token_mask: torch.Tensor | None = None, first_token: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+                **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         """``hidden_states`` ``[B, T, C]``; ``token_mask`` ``[B, T]`` bool (True = real token) for BN statistics;
         ``first_token`` ``[B, T]`` bool marks each sequence's first token (``first_token_affine`` configs)."""
         residual = hidden_states
@@ -94,7 +103,13 @@ class SlabLlamaPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+    # Eval forwards (what generate() compiles) have no data-dependent control flow: the input checks that read
+    # values run on CPU tensors only, outside torch.compile.
+    _can_compile_fullgraph = True
+    # transformers' hooks record these modules' outputs for output_hidden_states / output_attentions.
+    _can_record_outputs = {"hidden_states": SlabLlamaDecoderLayer, "attentions": LlamaAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -125,6 +140,9 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
         self.post_init()
 
     def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+        """Shape and dtype checks (metadata only); the range of token ids only where reading values costs no
+        device-to-host copy: a CPU tensor, outside compilation and tracing. On an accelerator an out-of-range id
+        fails in the embedding lookup, as in any transformers model."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids [B, T] or inputs_embeds [B, T, C]")
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape)
@@ -137,10 +155,23 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
             raise ValueError(f"inputs_embeds must be [B, T, {self.config.hidden_size}], got shape {shape}")
         if shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"empty batch: input of shape {shape} has no tokens")
-        if input_ids is not None:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
+        if (input_ids is not None and input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):
+            vocab = self.embed_tokens.num_embeddings  # follows resize_token_embeddings
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"input_ids must be in [0, {vocab}), got values in [{lo}, {hi}]")
+
+    def _warn_past_context(self, past_seen: int, length: int) -> None:
+        """RoPE has no hard length limit, and transformers' LLaMA runs past ``max_position_embeddings`` (RoPE scaling
+        relies on it); beyond the trained context of an unscaled RoPE the outputs degrade, so say so, once.
+        :meth:`SlabLlamaForCausalLM.generate` refuses such lengths up front."""
+        last = past_seen + length - 1
+        if (isinstance(last, int) and last >= self.config.max_position_embeddings and _rope_type(self.config) == "default"
+                and not torch.compiler.is_compiling()):
+            logger.warning_once(f"position {last} (past {past_seen} + {length} new tokens) is beyond "
+                                f"max_position_embeddings={self.config.max_position_embeddings}, the context the "
+                                f"model was built for; outputs there are extrapolated")
 
     def _token_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
         """``[B, T]`` bool of real tokens for the BN statistics (training only; eval uses running statistics)."""
@@ -166,30 +197,25 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
             start = torch.zeros(batch, dtype=torch.long, device=device)
         return torch.arange(length, device=device).unsqueeze(0) == start.unsqueeze(1)
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPast:
         """``input_ids`` ``[B, T]`` (or ``inputs_embeds`` ``[B, T, C]``); ``attention_mask`` ``[B, past + T]``
-        (1 = real token) or a prepared 4D mask. Returns ``last_hidden_state`` ``[B, T, C]``."""
+        (1 = real token) or a prepared 4D mask. Returns ``last_hidden_state`` ``[B, T, C]``; ``hidden_states`` and
+        ``attentions`` with ``output_hidden_states`` / ``output_attentions`` (recorded by transformers' hooks)."""
         self._check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-            last_position = past_seen + length - 1
-        else:
-            last_position = int(position_ids.max())
-        if last_position >= self.config.max_position_embeddings:
-            raise ValueError(f"sequence too long: position {last_position} (past {past_seen} + {length} new tokens) "
-                             f"but max_position_embeddings is {self.config.max_position_embeddings}; truncate the "
-                             f"input or raise max_position_embeddings")
+            self._warn_past_context(past_seen, length)
         token_mask = self._token_mask(attention_mask, batch, length)
         first_token = self._first_token(attention_mask, batch, length, past_seen, inputs_embeds.device)
         causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
@@ -197,26 +223,23 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
                                          position_ids=position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden = [] if output_hidden_states else None
         for layer in self.layers[: self.config.num_hidden_layers]:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, token_mask=token_mask,
                                   first_token=first_token, **kwargs)
         hidden_states = apply_norm(self.norm, hidden_states, token_mask, first_token)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
-                                      hidden_states=tuple(all_hidden) if all_hidden is not None else None)
-        return out if return_dict is not False else out.to_tuple()
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
 class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
     """SLAB-LLaMA with a language-model head. ``generate()`` works with the KV cache."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # LLaMA's plans: a tied head reads the (sharded) embedding matrix, so it needs its own TP entry.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: SlabLlamaConfig):
         super().__init__(config)
@@ -225,30 +248,34 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.folded_bias)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> CausalLMOutputWithPast:
-        """Logits ``[B, T, V]`` (the last ``logits_to_keep`` positions if > 0); ``loss`` when ``labels`` is given
-        (labels are shifted inside; -100 is ignored)."""
-        kwargs.pop("output_attentions", None)
+                **kwargs: Unpack[TransformersKwargs]) -> CausalLMOutputWithPast:
+        """Logits ``[B, T, V]`` (the positions ``logits_to_keep`` selects: the last ones if an int > 0); ``loss``
+        when ``labels`` is given (shifted inside, -100 ignored) or ``shift_labels`` (already aligned with the
+        logits, as sequence-parallel trainers pass them)."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+                             **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                     hidden_states=outputs.hidden_states)
-        return out if return_dict is not False else out.to_tuple()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
+        """generate() with an unscaled RoPE stops at ``max_position_embeddings`` with a ``ValueError`` (the model
+        forward itself only warns there, as LLaMA's does not refuse)."""
+        if input_ids is not None and _rope_type(self.config) == "default" \
+                and input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence too long: generating position {input_ids.shape[1] - 1} but "
+                             f"max_position_embeddings is {self.config.max_position_embeddings}; lower max_new_tokens, "
+                             f"truncate the prompt, raise max_position_embeddings or configure RoPE scaling")
+        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------- fusion
     def fuse(self) -> "SlabLlamaForCausalLM":

@@ -345,9 +345,10 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
         if rank == 0:
             log(f"resumed from {ckpt_path} at step {state['step']}")
     ddp = world > 1
-    # PRepBN leaves one branch unused (RepBN while lam = 1, RMSNorm once lam = 0)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=schedule is not None) if ddp else model
+    # Every parameter is used in every step: PRepBN gives the branch it skips (RepBN while lam = 1, RMSNorm once
+    # lam = 0) zero gradients, so DDP needs no search for unused parameters.
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None
+                                              ) if ddp else model
     batches = _Batches(train_ids, train_mask, cfg.batch_size, rank, world, cfg.seed)
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress or rank != 0, desc="train",
                dynamic_ncols=True)
