@@ -1,4 +1,6 @@
 """SLAB-LLaMA on tiny configs: conversion from LLaMA, fusion, save/load, generation, causality, bad input."""
+import copy
+
 import pytest
 import torch
 from conftest import assert_close, randomize_bn_stats
@@ -277,3 +279,21 @@ def test_eval_forward_compiles_without_graph_breaks():
     ref = m(x, attention_mask=mask, use_cache=False).logits
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     assert_close("compiled logits", ref, compiled(x, attention_mask=mask, use_cache=False).logits, 1e-6)
+
+
+def test_padded_training_forward_with_causal_statistics_compiles_without_graph_breaks():
+    """bn_stats='causal' in the transition, with padding: statistics and running updates from masked sums, with
+    nothing read back to the host (a .item() or a boolean selection would break the graph)."""
+    m = randomize_bn_stats(tiny("prepbn", bn_stats="causal", first_token_affine=True))
+    set_prepbn_lambda(m, 0.5)
+    m.train()
+    x = ids(3, 8)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    out = compiled(x, attention_mask=mask, labels=labels, use_cache=False)
+    ref = eager(x, attention_mask=mask, labels=labels, use_cache=False)
+    assert_close("compiled training loss", ref.loss, out.loss, 1e-6)
+    assert_close("running mean", eager.model.norm.repbn.bn.running_mean, m.model.norm.repbn.bn.running_mean, 1e-6)

@@ -101,15 +101,23 @@ class CausalRepBN(RepBN):
 
     @torch.no_grad()
     def _update_running(self, x: torch.Tensor, m: torch.Tensor) -> None:
+        """Running statistics from the real tokens, as masked weighted sums: selecting the tokens (``x[m]``) or
+        testing their count in Python would wait for the device; a batch with fewer than two real tokens leaves
+        the statistics (and the counter) as they were."""
         bn = self.bn
-        valid = x.detach().reshape(-1, x.shape[-1])[m.reshape(-1)].float()
-        n = valid.shape[0]
-        if n <= 1 or not bn.track_running_stats:
+        if not bn.track_running_stats:
             return
-        mom = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
-        bn.running_mean.lerp_(valid.mean(0).to(bn.running_mean.dtype), mom)
-        bn.running_var.lerp_(valid.var(0, unbiased=True).to(bn.running_var.dtype), mom)
-        bn.num_batches_tracked.add_(1)
+        w = m.reshape(-1, 1).to(torch.float32)
+        xf = x.detach().reshape(-1, x.shape[-1]).float()
+        n = w.sum()
+        mean = (xf * w).sum(0) / n.clamp(min=1.0)
+        var = ((xf - mean).square() * w).sum(0) / (n - 1.0).clamp(min=1.0)  # unbiased, as nn.BatchNorm keeps it
+        enough = n > 1
+        mom = bn.momentum if bn.momentum is not None else 1.0 / (bn.num_batches_tracked + 1).float()
+        rate = torch.where(enough, torch.as_tensor(mom, dtype=torch.float32, device=x.device), 0.0)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), rate.to(bn.running_mean.dtype))
+        bn.running_var.lerp_(var.to(bn.running_var.dtype), rate.to(bn.running_var.dtype))
+        bn.num_batches_tracked.add_(enough.to(bn.num_batches_tracked.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stats={self.stats!r}"
