@@ -85,6 +85,60 @@ def test_calibration_starts_close_to_the_original_and_fuses_exactly(corpus):
                      fused(input_ids=ids, attention_mask=mask).logits[mask.bool()], 1e-4)
 
 
+def _linear_io(model, ids, names):
+    """``{name: (input, output)}`` of the named linear layers in one forward of ``model``."""
+    seen, handles = {}, []
+    for name in names:
+        hook = (lambda n: lambda mod, args, out: seen.__setitem__(n, (args[0].detach(), out.detach())))(name)
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_refitting_the_linear_layers_lowers_each_ones_error_and_fuses_exactly(corpus):
+    _, ds, tok = corpus
+    llama = tiny_llama(tok)
+    with torch.no_grad():  # tokens of very different scales, so that no per-channel map replaces the RMSNorms
+        llama.model.embed_tokens.weight.mul_(torch.exp(torch.randn(len(tok), 1, generator=torch.Generator().manual_seed(1))))
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 24)
+    calib, probe = [(blocks[i: i + 8], None) for i in range(0, 64, 8)], blocks[64:80]
+    refit = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", first_token_affine=True)
+    report = calibrate_repbn(refit, llama, calib, refit_ridge=1e-4)
+    assert len(report) == 2 * 2 + 1
+    names = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    ids = torch.cat([c for c, _ in calib])
+    student, teacher = _linear_io(refit, ids, names), _linear_io(llama, ids, names)
+    for name in names:  # on its own inputs, each refitted layer is closer to the original's outputs than before
+        z, out = student[name]
+        target = teacher[name][1]
+        before = (z @ llama.get_submodule(name).weight.T - target).pow(2).sum()
+        after = (out - target).pow(2).sum()
+        assert after < before, (name, float(after), float(before))
+    with torch.no_grad():
+        assert_close("fused after refitting", refit(input_ids=probe).logits, slab.fuse(refit)(input_ids=probe).logits,
+                     1e-4)
+    with pytest.raises(ValueError, match="sequential"):
+        calibrate_repbn(refit, llama, calib, sequential=False, refit_ridge=1e-3)
+
+
+def test_refit_is_the_identity_where_every_norm_is_linear():
+    from slab.lm.convert import RidgeRefit
+    torch.manual_seed(0)
+    w = torch.randn(5, 8)
+    z = torch.randn(200, 8)
+    fit = RidgeRefit()
+    fit.add(z[:120], z[:120] @ w.T)
+    fit.add(z[120:], z[120:] @ w.T)
+    assert_close("exact targets give the same weight", w, fit.solve(torch.zeros_like(w), 0.0), 1e-6)
+    assert_close("ridge towards the weight itself", w, fit.solve(w, 10.0), 1e-6)
+    shrunk = fit.solve(torch.zeros_like(w), 10.0)
+    assert shrunk.norm() < 0.5 * w.norm()  # a large ridge pulls towards w0 = 0
+
+
 def test_distillation_lowers_the_converted_models_divergence(corpus, tmp_path):
     _, ds, tok = corpus
     llama = tiny_llama(tok)

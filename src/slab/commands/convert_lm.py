@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--train-params", default="no-embeddings", choices=["all", "no-embeddings"],
                    help="no-embeddings freezes the (tied) embedding/lm_head matrix: faster on CPU")
     p.add_argument("--calib-batches", type=int, default=4, help="batches of --batch-size x --seq-len tokens")
+    p.add_argument("--refit-ridge", type=float, default=None,
+                   help="also refit every linear layer by ridge regression during calibration (e.g. 1e-2 with "
+                        "--calib-batches 64; zero-shot 299 -> 126 on the small LLaMA of docs/language_models.md, "
+                        "but it diverges on SmolLM2): off by default")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --eval-len tokens")
     p.add_argument("--eval-len", type=int, default=None,
                    help="tokens per held-out block (default: 2 x --seq-len, at most the model's context)")
@@ -74,6 +78,8 @@ def _check_args(args) -> None:
     if args.warmup is not None and args.steps and args.warmup >= args.steps:
         raise ValueError(f"--warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate would "
                          f"never reach --lr; use fewer warm-up steps")
+    if args.refit_ridge is not None and (args.init != "calibrate" or args.refit_ridge < 0):
+        raise ValueError(f"--refit-ridge needs --init calibrate and a value >= 0 (got {args.refit_ridge})")
     if not 0.0 <= args.prepbn_transition <= 1.0:
         raise ValueError(f"--prepbn-transition is a fraction of --steps in [0, 1], got {args.prepbn_transition}")
 
@@ -165,8 +171,9 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         t0 = time.time()
         calib = train_ids[: args.calib_batches * bs]
         fits = calibrate_repbn(model, llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
-                               sequential=True)
+                               sequential=True, refit_ridge=args.refit_ridge)
         results["calibration"] = {"seconds": time.time() - t0, "tokens": int(calib.numel()),
+                                  "refit_ridge": args.refit_ridge,
                                   "fit_error": {f["name"]: f["fit_error"] for f in fits}}
         results["ppl_calibrated"] = perplexity(model, eval_ids, batch_size=eval_bs, device=device)
         log(f"calibrated {len(fits)} norms in {time.time() - t0:.0f}s; zero-shot held-out perplexity "

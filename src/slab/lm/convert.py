@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..layers.norm import PRepBN
 
-__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form", "LeastSquares", "set_fitted_map"]
+__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form", "LeastSquares", "RidgeRefit", "set_fitted_map"]
 
 
 class _Stop(Exception):
@@ -62,6 +62,29 @@ class LeastSquares:
         cov = sxy - sx * sy
         s = torch.where(var_x > 1e-12, cov / var_x.clamp_min(1e-12), torch.zeros_like(cov))
         return s, sy - s * sx, sx, var_x
+
+
+class RidgeRefit:
+    """Running sums ``Z^T Z`` and ``Z^T Y`` (float64) to refit a linear layer ``y = W z`` by ridge regression."""
+
+    def __init__(self):
+        self.zz = self.zy = None
+        self.n = 0
+
+    def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        z, y = z.double(), y.double()
+        zz, zy = z.T @ z, z.T @ y
+        self.zz = zz if self.zz is None else self.zz + zz
+        self.zy = zy if self.zy is None else self.zy + zy
+        self.n += z.shape[0]
+
+    def solve(self, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+        """``argmin_W |Z W^T - Y|^2 + lam |W - w0|^2`` with ``lam = ridge * mean(diag(Z^T Z))``: the least-squares
+        weight, pulled towards the current one where the calibration tokens do not determine it."""
+        lam = ridge * float(self.zz.diagonal().mean())
+        eye = torch.eye(self.zz.shape[0], dtype=self.zz.dtype, device=self.zz.device)
+        w_t = torch.linalg.solve(self.zz + lam * eye, self.zy + lam * w0.double().T)
+        return w_t.T.to(w0.dtype)
 
 
 def set_fitted_map(norm: PRepBN, main: LeastSquares, first: LeastSquares | None) -> None:
@@ -139,8 +162,15 @@ def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])[keep.reshape(-1)].float()
 
 
+#: The linear layers of a LLaMA decoder layer that ``refit_ridge`` refits, grouped by shared input.
+_LINEAR_GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+                  "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
 @torch.no_grad()
-def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential: bool = True) -> list[dict]:
+def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential: bool = True,
+                    refit_ridge: float | None = None, refit: tuple[str, ...] = ("qkv", "o", "gate_up", "down"),
+                    refit_first_token: bool = True) -> list[dict]:
     """Set every PRepBN's RepBN branch of ``student`` to the least-squares fit of ``teacher``'s RMSNorm outputs.
 
     ``student`` is a ``norm='prepbn'`` SLAB-LLaMA converted from ``teacher`` (a transformers LLaMA with the
@@ -151,10 +181,18 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
     in eval mode with ``lam = 0``. Returns one dict per norm: ``name`` and the relative squared error
     ``fit_error`` of the fitted map on the calibration tokens. ``sequential=False`` fits every norm on the
     teacher's own activations instead (each map is then the best for the original model, but errors compound).
+
+    ``refit_ridge`` (e.g. ``1e-2``) also refits, in forward order, every linear layer of each decoder layer
+    (q/k/v, o, gate/up, down) by ridge regression from the student's inputs to the teacher's outputs of the
+    same layer: a full matrix can undo part of what a per-channel map cannot (the per-token scale, where it
+    correlates with the token's direction). ``ridge`` is relative to the mean diagonal of the inputs' Gram
+    matrix and pulls each weight towards its current value.
     """
     batches = [(ids, mask) for ids, mask in batches]
     if not batches:
         raise ValueError("calibrate_repbn needs at least one batch")
+    if refit_ridge is not None and not sequential:
+        raise ValueError("refit_ridge needs sequential=True (it refits on the student's own inputs)")
     student.eval()
     teacher.eval()
     s_state = [_layer_inputs(student, ids, mask) for ids, mask in batches]
@@ -169,19 +207,11 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
         keeps.append((real & ~first, real & first))
     report = []
     for s_layer, t_layer in zip(student.model.layers, teacher.model.layers):
-        t_norms = [t_layer.input_layernorm, t_layer.post_attention_layernorm]
-        t_runs = [_run_capturing(t_layer, ht, tkw, t_norms, "both") for ht, tkw in t_state]
-        # the input norm reads the layer input: fit it directly on the student's hidden states
-        x_in = [hs for hs, _ in s_state] if sequential else [xy[0][0] for _, xy in t_runs]
-        report.append(_fit_norm(s_layer.input_layernorm, x_in, [xy[0][1] for _, xy in t_runs], keeps))
-        post = s_layer.post_attention_layernorm
-        x_post = [_run_capturing(s_layer, hs, kw, [post], "input")[1][0] for hs, kw in s_state]
-        x_fit = x_post if sequential else [xy[1][0] for _, xy in t_runs]
-        report.append(_fit_norm(post, x_fit, [xy[1][1] for _, xy in t_runs], keeps))
-        # the layer's output with both norms fitted: the residual stream after attention plus the MLP
-        s_state = [(x + s_layer.mlp(_apply_fitted(post, x, first)), kw)
-                   for x, (_, kw), (_, first) in zip(x_post, s_state, keeps)]
-        t_state = [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
+        if refit_ridge is None:
+            s_state, t_state = _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, sequential, report)
+        else:
+            s_state, t_state = _calibrate_and_refit_layer(s_layer, t_layer, s_state, t_state, keeps, refit_ridge,
+                                                          report, refit, refit_first_token)
     final = student.model.norm
     x_final = [hs for hs, _ in s_state] if sequential else [ht for ht, _ in t_state]
     report.append(_fit_norm(final, x_final, [teacher.model.norm(ht) for ht, _ in t_state], keeps))
@@ -189,6 +219,75 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
     for r in report:
         r["name"] = names[id(r.pop("module"))]
     return report
+
+
+def _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, sequential, report):
+    """Fit one decoder layer's two norms; ``(student state, teacher state)`` after the layer."""
+    t_norms = [t_layer.input_layernorm, t_layer.post_attention_layernorm]
+    t_runs = [_run_capturing(t_layer, ht, tkw, t_norms, "both") for ht, tkw in t_state]
+    # the input norm reads the layer input: fit it directly on the student's hidden states
+    x_in = [hs for hs, _ in s_state] if sequential else [xy[0][0] for _, xy in t_runs]
+    report.append(_fit_norm(s_layer.input_layernorm, x_in, [xy[0][1] for _, xy in t_runs], keeps))
+    post = s_layer.post_attention_layernorm
+    x_post = _module_inputs(s_layer, s_state, post)
+    x_fit = x_post if sequential else [xy[1][0] for _, xy in t_runs]
+    report.append(_fit_norm(post, x_fit, [xy[1][1] for _, xy in t_runs], keeps))
+    # the layer's output with both norms fitted: the residual stream after attention plus the MLP
+    s_state = [(x + s_layer.mlp(_apply_fitted(post, x, first)), kw)
+               for x, (_, kw), (_, first) in zip(x_post, s_state, keeps)]
+    return s_state, [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
+
+
+def _calibrate_and_refit_layer(s_layer, t_layer, s_state, t_state, keeps, ridge, report, refit, first_token):
+    """Fit one decoder layer's norms and refit its linear layers, in the order the layer computes them."""
+    names = [n for group in _LINEAR_GROUPS.values() for n in group]
+    t_mods = [t_layer.input_layernorm, t_layer.post_attention_layernorm] + [t_layer.get_submodule(n) for n in names]
+    t_runs = [_run_capturing(t_layer, ht, tkw, t_mods, "both") for ht, tkw in t_state]
+    target = {n: [xy[2 + i][1] for _, xy in t_runs] for i, n in enumerate(names)}
+    real = [k0 | k1 for k0, k1 in keeps] if first_token else [k0 for k0, _ in keeps]
+    report.append(_fit_norm(s_layer.input_layernorm, [hs for hs, _ in s_state], [xy[0][1] for _, xy in t_runs], keeps))
+    for key, group in list(_LINEAR_GROUPS.items())[:2]:
+        if key in refit:
+            _refit_group([s_layer.get_submodule(n) for n in group], _module_inputs(s_layer, s_state, s_layer.get_submodule(group[0])),
+                     [target[n] for n in group], real, ridge)
+    post = s_layer.post_attention_layernorm
+    report.append(_fit_norm(post, _module_inputs(s_layer, s_state, post), [xy[1][1] for _, xy in t_runs], keeps))
+    for key, group in list(_LINEAR_GROUPS.items())[2:]:
+        if key in refit:
+            _refit_group([s_layer.get_submodule(n) for n in group], _module_inputs(s_layer, s_state, s_layer.get_submodule(group[0])),
+                     [target[n] for n in group], real, ridge)
+    s_state = [(_run_capturing(s_layer, hs, kw, [], "input")[0], kw) for hs, kw in s_state]
+    return s_state, [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
+
+
+def _module_inputs(layer: nn.Module, state, module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s input in ``layer`` for each ``(hidden, kwargs)`` of ``state`` (the layer stops there)."""
+    seen = []
+
+    def grab(mod, args):
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        for hs, kw in state:
+            try:
+                layer(hs, **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def _refit_group(linears: list[nn.Linear], inputs, targets, rows, ridge: float) -> None:
+    """Ridge-refit ``linears`` (one shared input) from ``inputs`` to their ``targets`` on the ``rows`` kept."""
+    fit = RidgeRefit()
+    for i, (z, keep) in enumerate(zip(inputs, rows)):
+        fit.add(_rows(z, keep), torch.cat([_rows(t[i], keep) for t in targets], -1))
+    weight = fit.solve(torch.cat([lin.weight for lin in linears]), ridge)
+    for lin, part in zip(linears, weight.split([lin.out_features for lin in linears])):
+        lin.weight.copy_(part)
 
 
 def _fit_report(norm: PRepBN, pairs, keeps) -> dict:
