@@ -72,6 +72,13 @@ demo-lm: setup lm-data
 test: setup data lm-data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
+# timm's own tests/test_models.py, from the installed timm's sdist (fetched once into ~/.cache/slab/peer),
+# on our registered models only; PEER_ARGS go to pytest (e.g. PEER_ARGS="-k backward -x").
+PEER_ARGS ?=
+.PHONY: peer-test-timm
+peer-test-timm: setup
+	OMP_NUM_THREADS=1 $(PY) tests/peer/run_timm.py $(PEER_ARGS)
+
 bench: setup
 	$(VENV)/bin/slab bench --output outputs/bench
 
