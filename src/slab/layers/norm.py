@@ -184,7 +184,8 @@ class TokenBatchNorm(nn.Module):
         bn = self.bn
         return (self.layout == "tokens" and mask is None and type(bn) is nn.BatchNorm1d and bn.affine
                 and bn.track_running_stats and x.dtype in (torch.float32, torch.float64)
-                and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+                and x.dtype == bn.weight.dtype and not x.is_meta  # meta: autocast knows no such device
+                and not torch.is_autocast_enabled(x.device.type))
 
     def _running_factor(self) -> float:
         """nn.BatchNorm's ``exponential_average_factor`` for this training step (bumps the counter)."""

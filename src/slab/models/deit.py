@@ -96,7 +96,7 @@ class SlabVisionTransformer(nn.Module):
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.img_size = img_size
