@@ -79,6 +79,17 @@ test: setup data lm-data
 peer-test-transformers: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -rx tests/peer/test_transformers_contract.py
 
+# timm's own tests/test_models.py, from the installed timm's sdist (fetched once into ~/.cache/slab/peer),
+# on our registered models only; PEER_ARGS go to pytest (e.g. PEER_ARGS="-k backward -x").
+PEER_ARGS ?=
+.PHONY: peer-test-timm
+peer-test-timm: setup
+	OMP_NUM_THREADS=1 $(PY) tests/peer/run_timm.py $(PEER_ARGS)
+
+# Both peer suites (timm's takes about 40 min on 1 thread, so `make test` runs only the transformers one).
+.PHONY: peer-test
+peer-test: peer-test-transformers peer-test-timm
+
 bench: setup
 	$(VENV)/bin/slab bench --output outputs/bench
 

@@ -50,3 +50,11 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rel: float, at
     err = (out.double() - ref.double()).abs().max().item()
     scale = ref.double().abs().max().item() + 1e-12
     assert err <= rel * scale + atol, f"{name}: relative error {err / scale:.3e} > {rel:.1e} (abs {err:.3e})"
+
+
+def authors_param_count(model: torch.nn.Module) -> int:
+    """The parameter count the authors report: ours plus the tensors we keep as buffers only so their files
+    load (SLAB-DeiT's unused ``cls_token``, SLAB-CSwin's unused SLA ``scale``)."""
+    kept = sum(b.numel() for n, b in model.named_buffers() if n == "cls_token" or n.endswith("attns.0.scale")
+               or n.endswith("attns.1.scale"))
+    return sum(p.numel() for p in model.parameters()) + kept

@@ -10,7 +10,7 @@ from slab.models._builder import load_checkpoint_strict
 from slab.models.cswin import PAPER_TOP1, CSwinTransformer
 from slab.reparam import NORM_TYPES
 
-from conftest import FIXTURES, assert_close, load_fixture, randomize_bn_stats
+from conftest import FIXTURES, assert_close, load_fixture, randomize_bn_stats, authors_param_count
 
 NAMES = ["cswin_tiny_prepbn_224", "cswin_small_prepbn_224", "cswin_base_prepbn_224",
          "slab_cswin_tiny_224", "slab_cswin_small_224", "slab_cswin_base_224"]
@@ -20,7 +20,7 @@ SMALL = dict(embed_dim=16, depth=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_class
 def test_authors_fixture_logits_unfused_and_fused():
     record, sd, io = load_fixture("slab_cswin")
     model = slab.load_authors_model(record, sd)
-    assert sum(p.numel() for p in model.parameters()) == record["params"]
+    assert authors_param_count(model) == record["params"]
     with torch.no_grad():
         out = model(io["input"])
         fused = slab.fuse(model)(io["input"])
@@ -33,7 +33,7 @@ def test_released_manifest_loads_strictly():
     name = slab.AUTHORS_CHECKPOINTS["slab_cswin_tiny.pth"]
     assert name == "slab_cswin_tiny_224" and PAPER_TOP1[name] == 82.8
     model = slab.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == entry["params"]
+    assert authors_param_count(model) == entry["params"]
     sd = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (shape, dtype) in entry["state_dict"].items()}
     load_checkpoint_strict(model, sd, name)
 

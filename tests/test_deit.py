@@ -9,7 +9,7 @@ import slab
 from slab.models._builder import load_checkpoint_strict
 from slab.reparam import NORM_TYPES
 
-from conftest import FIXTURES, assert_close, load_fixture, randomize_bn_stats
+from conftest import FIXTURES, assert_close, load_fixture, randomize_bn_stats, authors_param_count
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, num_classes=7)
 
@@ -18,7 +18,7 @@ SMALL = dict(embed_dim=32, depth=2, num_heads=2, num_classes=7)
 def test_authors_fixture_logits_unfused_and_fused(name):
     record, sd, io = load_fixture(name)
     model = slab.load_authors_model(record, sd)
-    assert sum(p.numel() for p in model.parameters()) == record["params"]
+    assert authors_param_count(model) == record["params"]
     with torch.no_grad():
         out = model(io["input"])
         fused = slab.fuse(model)(io["input"])
@@ -38,7 +38,7 @@ def manifests():
 def test_released_manifest_loads_strictly(file, manifests):
     entry = manifests[file]
     model = slab.create_model(slab.AUTHORS_CHECKPOINTS[file])
-    assert sum(p.numel() for p in model.parameters()) == entry["params"]
+    assert authors_param_count(model) == entry["params"]
     sd = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (shape, dtype) in entry["state_dict"].items()}
     load_checkpoint_strict(model, {"model": sd}["model"], slab.AUTHORS_CHECKPOINTS[file])
 

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-__all__ = ["PeerTestsUnavailable", "load_peer_tests"]
+__all__ = ["PeerTestsUnavailable", "load_peer_tests", "peer_tests"]
 
 
 class PeerTestsUnavailable(RuntimeError):
@@ -86,3 +86,31 @@ def load_peer_tests(dist: str, package: str, stubs: dict[str, str] | None = None
     if str(home) not in sys.path:
         sys.path.insert(0, str(home))
     return package
+
+
+def peer_tests(dist: str) -> Path:
+    """A directory holding ``tests/`` and ``pyproject.toml`` (its pytest markers) of the installed ``dist``'s sdist,
+    for running the peer's test files as they are (timm's ``tests/test_models.py``). Only those two are unpacked,
+    so the tests import the installed package, never the sdist's copy of it."""
+    version = importlib.metadata.version(dist)
+    home = _cache_root() / f"{dist}-{version}"
+    root = home / "source"
+    if (root / ".unpacked").exists():
+        return root
+    sdist = _find_or_download_sdist(dist, version, home)
+    prefix = f"{dist}-{version}/"
+    staging = Path(tempfile.mkdtemp(prefix=".source-", dir=home))
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.isfile() and (m.name.startswith(prefix + "tests/") or m.name == prefix + "pyproject.toml")]
+        if not any(m.name.startswith(prefix + "tests/") for m in members):
+            raise PeerTestsUnavailable(f"{sdist} has no tests/ directory")
+        for member in members:
+            member.name = member.name[len(prefix):]
+            tar.extract(member, staging, filter="data")
+    (staging / ".unpacked").touch()
+    try:  # another process may have finished first: keep its copy
+        staging.rename(root)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root

@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import register_notrace_function
 
 from ..ops.linear_attention import linear_attention
 from ..ops.naive import linear_attention_reference
 
 __all__ = ["SoftmaxAttention", "SimplifiedLinearAttention", "resize_positional_encoding", "dwc_on_values",
-           "split_heads", "merge_heads"]
+           "split_heads", "merge_heads", "check_grid"]
+
+# A custom autograd Function with shape checks: FX records it as one call, run on real tensors.
+register_notrace_function(linear_attention)
+register_notrace_function(linear_attention_reference)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -31,6 +36,14 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+@register_notrace_function  # compares grids known only at run time
+def check_grid(n: int, hw: tuple[int, int]) -> None:
+    """Raise unless ``n`` tokens make the ``hw`` grid."""
+    if hw[0] * hw[1] != n:
+        raise ValueError(f"SLA got {n} tokens for a {hw[0]}x{hw[1]} grid")
+
+
+@register_notrace_function  # compares grids known only at run time
 def resize_positional_encoding(pe: torch.Tensor, src_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
     """``[1, Hs*Ws, C]`` encoding laid on ``src_hw`` -> ``[1, H*W, C]`` by bilinear interpolation."""
     if tuple(src_hw) == tuple(hw):
@@ -104,9 +117,8 @@ class SimplifiedLinearAttention(nn.Module):
         return op(q, k, v)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        b, n, c = x.shape
-        if hw[0] * hw[1] != n:
-            raise ValueError(f"SLA got {n} tokens for a {hw[0]}x{hw[1]} grid")
+        if not torch.jit.is_scripting():
+            check_grid(x.shape[1], hw)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         k = k + resize_positional_encoding(self.positional_encoding, self.grid_size, hw)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 __all__ = ["TokenBatchNorm", "RepBN", "PRepBN", "ChannelAffine", "RMSNorm", "get_norm_layer",
            "set_prepbn_lambda", "record_branch_gaps", "pop_branch_gap", "NORM_CHOICES"]
@@ -64,6 +65,9 @@ class _ProgressiveBNFunction(torch.autograd.Function):
         # d_bnw, d_bnb are sum(grad * xhat), sum(grad): gradients w.r.t. the weight/bias passed.
         d_alpha = (keep * ((d_bnw / invstd) + mean * d_bnb).sum()).reshape(alpha.shape)
         d_lnw = d_lnb = None
+        if ln_weight is not None and not ctx.use_ln:
+            # An inactive LN branch (lam == 0) passed in only to receive zero gradients (see PRepBN).
+            d_lnw, d_lnb = torch.zeros_like(ln_weight), torch.zeros_like(ln_weight)
         if ctx.use_ln:
             dx_ln, g_lnw, g_lnb = torch.ops.aten.native_layer_norm_backward(
                 grad, x2d, [x2d.shape[1]], mu, rstd, ln_weight * lam, ln_weight, [need_x, True, True])
@@ -76,6 +80,25 @@ class _ProgressiveBNFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _zero_anchor(module: nn.Module | None) -> torch.Tensor | float:
+    """``0 * sum(parameters of module)``, or 0.0 when there is nothing to anchor (or no autograd).
+
+    Added to a per-channel quantity (a bias, alpha), it changes no value but gives the parameters of an
+    inactive branch exact zero gradients: every parameter then takes part in every backward, as DDP
+    without ``find_unused_parameters`` and timm's contract require. It costs a few reductions over
+    ``[C]`` vectors, never a pass over the activations.
+    """
+    if module is None or not torch.is_grad_enabled():
+        return 0.0
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+
+# The norms choose kernels by dtype, device and statistics state, and check shapes: FX keeps them as
+# leaf modules (one graph node each), as timm does for its modules with data-dependent control flow.
+@register_notrace_module
 class TokenBatchNorm(nn.Module):
     """BatchNorm over the channel dim of token tensors: ``BN(x)``.
 
@@ -139,9 +162,14 @@ class TokenBatchNorm(nn.Module):
         return y.reshape(x.shape)
 
     def batch_norm(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x)
-        if mask is not None and self.layout == "tokens":
-            return self._masked_bn(x, mask)
+        if torch.jit.is_scripting():
+            # TorchScript: the unmasked BatchNorm (the padding-aware one is for language models, not scripted).
+            if mask is not None:
+                raise RuntimeError("TokenBatchNorm: masked statistics are not supported under TorchScript")
+        else:
+            self._check(x)
+            if mask is not None and self.layout == "tokens":
+                return self._masked_bn(x, mask)
         if self.layout == "tokens":
             # [..., C] -> [M, C]: BatchNorm1d normalises dim 1 without any transpose.
             return self.bn(x.reshape(-1, self.dim)).reshape(x.shape)
@@ -156,7 +184,8 @@ class TokenBatchNorm(nn.Module):
         bn = self.bn
         return (self.layout == "tokens" and mask is None and type(bn) is nn.BatchNorm1d and bn.affine
                 and bn.track_running_stats and x.dtype in (torch.float32, torch.float64)
-                and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+                and x.dtype == bn.weight.dtype and not x.is_meta  # meta: autocast knows no such device
+                and not torch.is_autocast_enabled(x.device.type))
 
     def _running_factor(self) -> float:
         """nn.BatchNorm's ``exponential_average_factor`` for this training step (bumps the counter)."""
@@ -189,25 +218,44 @@ class RepBN(TokenBatchNorm):
         self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.batch_norm(x, mask) + self.alpha * x
+        else:
+            return self.repbn_forward(x, mask, self.alpha)
+
+    def repbn_forward(self, x: torch.Tensor, mask: torch.Tensor | None, alpha: torch.Tensor,
+                      inactive_ln: nn.Module | None = None) -> torch.Tensor:
+        """``BN(x) + alpha * x`` through the fastest applicable kernels.
+
+        ``inactive_ln`` (PRepBN's LN branch, unused here) receives exact zero gradients at no cost: its
+        parameters enter the fused kernel, or a zero-valued term of the per-channel affine.
+        """
         if self._fast_path(x, mask):
             self._check(x)
             if self.training:
-                return self.progressive(x, None, None, None, 0.0)
+                if isinstance(inactive_ln, nn.LayerNorm) and inactive_ln.elementwise_affine:
+                    return self.progressive(x, inactive_ln.weight, inactive_ln.bias, None, 0.0)
+                return self.progressive(x, None, None, None, 0.0, alpha=alpha + _zero_anchor(inactive_ln))
             # Eval: one pass, x * (gamma * invstd + alpha) + (beta - mean * gamma * invstd).
-            scale, shift = self._eval_affine(self.alpha)
-            return torch.addcmul(shift, x, scale)
-        return self.batch_norm(x, mask) + self.alpha * x
+            scale, shift = self._eval_affine(alpha)
+            return torch.addcmul(shift + _zero_anchor(inactive_ln), x, scale)
+        return self.batch_norm(x, mask) + (alpha + _zero_anchor(inactive_ln)) * x
 
-    def progressive(self, x: torch.Tensor, ln_weight, ln_bias, lam: torch.Tensor | None, ln_eps: float
-                    ) -> torch.Tensor:
-        """Training-mode ``lam * LN(x) + (1 - lam) * RepBN(x)`` through the fused kernels (``lam`` None: 0)."""
+    def progressive(self, x: torch.Tensor, ln_weight, ln_bias, lam: torch.Tensor | None, ln_eps: float,
+                    alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """Training-mode ``lam * LN(x) + (1 - lam) * RepBN(x)`` through the fused kernels.
+
+        ``lam`` None: 0, and the LN is not computed; LN parameters given then get zero gradients.
+        ``alpha`` replaces ``self.alpha`` (PRepBN passes one carrying a zero-valued anchor).
+        """
         bn = self.bn
         use_ln = lam is not None
+        alpha = self.alpha if alpha is None else alpha
         lam_t = lam.to(x.dtype) if use_ln else x.new_zeros(())
         x2d = x.reshape(-1, self.dim)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        y = _ProgressiveBNFunction.apply(x2d, ln_weight, ln_bias, bn.weight, bn.bias, self.alpha, lam_t,
+        y = _ProgressiveBNFunction.apply(x2d, ln_weight, ln_bias, bn.weight, bn.bias, alpha, lam_t,
                                          bn.running_mean, bn.running_var, self._running_factor(), bn.eps,
                                          ln_eps, use_ln)
         return y.reshape(x.shape)
@@ -225,21 +273,7 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _zero_through(branch: nn.Module) -> torch.Tensor:
-    """A scalar 0 that depends on every trainable parameter of ``branch``.
-
-    Added to the output of a training forward that skips ``branch`` (PRepBN's RepBN during warm-up, its LN after
-    the transition), it gives those parameters a zero gradient instead of none: DDP then runs without
-    ``find_unused_parameters`` and every parameter has a gradient, at the cost of one sum per parameter tensor
-    (the skipped branch itself is not computed, so the warm-up leaves the BN statistics alone).
-    """
-    anchor = None
-    for p in branch.parameters():
-        if p.requires_grad:
-            anchor = p.sum() if anchor is None else anchor + p.sum()
-    return anchor * 0.0 if anchor is not None else torch.zeros(())
-
-
+@register_notrace_module
 class PRepBN(nn.Module):
     """Progressive RepBN: ``lam * LN(x) + (1 - lam) * RepBN(x)`` in training, ``RepBN(x)`` in eval.
 
@@ -287,25 +321,56 @@ class PRepBN(nn.Module):
             return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.ln(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **repbn_kwargs) -> torch.Tensor:
-        """``repbn_kwargs`` go to the RepBN branch (the language models' ``first=`` token mask)."""
-        if not self.training:
-            return self.repbn(x, mask, **repbn_kwargs)
-        if self._lam <= 0.0:
-            return self.repbn(x, mask, **repbn_kwargs) + _zero_through(self.ln)
+    def _anchored_layer_norm(self, x: torch.Tensor, bias_offset: torch.Tensor | float) -> torch.Tensor:
+        """The LN branch with ``bias_offset`` (a zero anchor, see :func:`_zero_anchor`) in its bias."""
+        ln = self.ln
+        if isinstance(bias_offset, float):
+            return self._layer_norm(x)
+        if not (isinstance(ln, nn.LayerNorm) and ln.elementwise_affine):
+            return self._layer_norm(x) + bias_offset  # RMSNorm has no bias: one elementwise add
+        if self.layout == "channels":
+            x = x.permute(0, 2, 3, 1)
+        y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias + bias_offset, ln.eps)
+        return y.permute(0, 3, 1, 2) if self.layout == "channels" else y
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, first: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``first`` goes to the RepBN branch (the language models' first-token mask, :class:`CausalRepBN`)."""
+        if torch.jit.is_scripting():
+            # TorchScript: the plain composition (the fused kernels and zero anchors are eager-only).
+            if not self.training or self._lam <= 0.0:
+                return self.repbn(x, mask)
+            ln_out = self._layer_norm(x)
+            if self._lam >= 1.0:
+                return ln_out
+            lam = self.lam.to(x.dtype)
+            return lam * ln_out + (1.0 - lam) * self.repbn(x, mask)
+        else:
+            return self._eager_forward(x, mask, first)
+
+    def _eager_forward(self, x: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None
+                       ) -> torch.Tensor:
+        # The inactive branch (RepBN in warm-up, LN in eval and after the transition) is not computed, but
+        # its parameters get zero gradients through a zero anchor (no pass over the activations).
+        if not self.training or self._lam <= 0.0:
+            if first is None and type(self.repbn).forward is RepBN.forward:
+                return self.repbn.repbn_forward(x, mask, self.repbn.alpha, inactive_ln=self.ln)
+            y = self.repbn(x, mask) if first is None else self.repbn(x, mask, first=first)
+            anchor = _zero_anchor(self.ln)
+            return y if isinstance(anchor, float) else y + anchor  # a RepBN subclass: one cheap add
         if self._lam >= 1.0:
-            return self._layer_norm(x) + _zero_through(self.repbn)
-        plain = not (self.record_branch_gap or repbn_kwargs)
+            return self._anchored_layer_norm(x, _zero_anchor(self.repbn))
+        plain = not (self.record_branch_gap or first is not None)
         if plain and isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
             # Transition: one fused LN + BN + alpha computation (hooks on self.ln do not fire here).
             self.repbn._check(x)
             return self.repbn.progressive(x, self.ln.weight, self.ln.bias, self.lam, self.ln.eps)
-        return self._mix(x, mask, **repbn_kwargs)
+        return self._mix(x, mask, first)
 
-    def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, **repbn_kwargs) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor:
         """The composed transition mix, recording ``branch_gap`` when asked to."""
         ln_out = self._layer_norm(x)
-        bn_out = self.repbn(x, mask, **repbn_kwargs)
+        bn_out = self.repbn(x, mask) if first is None else self.repbn(x, mask, first=first)
         lam = self.lam.to(x.dtype)
         if self.record_branch_gap:
             self.branch_gap = self._gap(ln_out.detach(), bn_out, mask)

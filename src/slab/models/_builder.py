@@ -1,6 +1,7 @@
 """Model construction shared by every family: timm's builder, input checks, checkpoint loading."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gzip
 import json
@@ -14,17 +15,43 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, register_notrace_function
 
 from ..errors import UserError, did_you_mean
 from ..files import load_safetensors, torch_load
 from ._authors import unwrap_checkpoint
 
 
-def build_slab_model(model_cls: type, variant: str, pretrained: bool, filter_fn: Callable, **kwargs) -> nn.Module:
-    """``timm.build_model_with_cfg`` with our checkpoint filter (for timm's own ``pretrained=True`` path)."""
+def build_slab_model(model_cls: type, variant: str, pretrained: bool, filter_fn: Callable,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                     **kwargs) -> nn.Module:
+    """``timm.build_model_with_cfg`` with our checkpoint filter (for timm's own ``pretrained=True`` path).
+
+    ``device`` / ``dtype`` are timm's factory arguments: the model is built with ``device`` as the default
+    device (``'meta'`` allocates nothing), then its floating-point tensors are cast to ``dtype``.
+    """
     kwargs.setdefault("feature_cfg", dict(feature_cls="getter")) if kwargs.get("features_only") else None
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic depth rates rising linearly over ``depth`` blocks (computed on the CPU: also under a
+    ``torch.device('meta')`` default, where a tensor has no values)."""
+    return torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+
+
+def new_classifier(model: nn.Module, in_features: int, num_classes: int) -> nn.Module:
+    """A head for ``reset_classifier``: on the model's device and dtype, in its train/eval mode."""
+    if num_classes <= 0:
+        return nn.Identity()
+    ref = next(model.parameters(), None)
+    head = nn.Linear(in_features, num_classes, device=None if ref is None else ref.device,
+                     dtype=None if ref is None else ref.dtype)
+    return head.train(model.training)
 
 
 def init_linear_layers(model: nn.Module, std: float = 0.02) -> None:
@@ -36,10 +63,14 @@ def init_linear_layers(model: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def check_image_input(x: torch.Tensor, in_chans: int, multiple_of: int = 1, model: nn.Module | None = None,
+@register_notrace_function  # raises on shapes: FX calls it with the real input instead of tracing it
+def check_image_input(x: torch.Tensor, in_chans: int, multiple_of: int = 1, model: nn.Module | str | None = None,
                       min_size: int = 1) -> None:
-    """Raise a ValueError naming the expected shape when ``x`` is not ``[B, in_chans, H, W]`` with valid H, W."""
-    name = type(model).__name__ if model is not None else "model"
+    """Raise a ValueError naming the expected shape when ``x`` is not ``[B, in_chans, H, W]`` with valid H, W.
+
+    ``model``: the model (or its class name, what the models pass: a constant for FX) named in the error.
+    """
+    name = model if isinstance(model, str) else type(model).__name__ if model is not None else "model"
     example = f"[B, {in_chans}, H, W] with H and W multiples of {multiple_of}" if multiple_of > 1 else f"[B, {in_chans}, H, W]"
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(f"{name} expects images of shape {example}; got {tuple(x.shape)}"

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
 from ..layers.attention import dwc_on_values, merge_heads, resize_positional_encoding, split_heads
@@ -34,7 +34,7 @@ from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
-from ._builder import build_slab_model, check_image_input, init_linear_layers
+from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["CSwinTransformer", "checkpoint_filter_fn"]
 
@@ -144,9 +144,9 @@ class StripeLinearAttention(_StripeBranch):
                              groups=self.head_dim)
         self.positional_encoding = nn.Parameter(torch.zeros(1, self.pe_hw[0] * self.pe_hw[1], dim))
         # The authors' checkpoints hold a per-channel ``scale`` (a leftover of focused linear attention)
-        # that their SLA forward never reads; kept frozen so their files load strictly and parameter
-        # counts match, without an unused trainable parameter (which would break DDP).
-        self.scale = nn.Parameter(torch.zeros(1, 1, dim), requires_grad=False)
+        # that their SLA forward never reads: a buffer, so their files load strictly, and no parameter
+        # goes without a gradient (DDP, timm's contract).
+        self.register_buffer("scale", torch.zeros(1, 1, dim))
         trunc_normal_(self.positional_encoding, std=0.02)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -158,6 +158,20 @@ class StripeLinearAttention(_StripeBranch):
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         out = linear_attention(q, k, v) + dwc_on_values(v, (hs, ws), self.dwc)
         return _from_stripes(merge_heads(out) + lepe, hs, ws, h, w)
+
+
+@register_notrace_function  # pads by the run-time feature-map size
+def pad_to_stripes(x: torch.Tensor, split_size: int, pad_value: torch.Tensor | None) -> torch.Tensor:
+    """Pad ``[B, H, W, C]`` at the bottom/right to multiples of ``split_size`` with 0 or ``pad_value`` (``[C]``)."""
+    b, h, w, c = x.shape
+    ph, pw = (-h) % split_size, (-w) % split_size
+    if not (ph or pw):
+        return x
+    if pad_value is None:
+        return F.pad(x, (0, 0, 0, pw, 0, ph))
+    out = pad_value.to(x.dtype).expand(b, h + ph, w + pw, c).clone()
+    out[:, :h, :w] = x
+    return out
 
 
 class CSwinBlock(nn.Module):
@@ -204,23 +218,11 @@ class CSwinBlock(nn.Module):
         # the input that norm1 maps to 0 (set by fuse()), so the fused block computes the same function.
         self.register_buffer("pad_value", None)
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        s = self.split_size
-        ph, pw = (-h) % s, (-w) % s
-        if not (ph or pw):
-            return x
-        if self.pad_value is None:
-            return F.pad(x, (0, 0, 0, pw, 0, ph))
-        out = self.pad_value.to(x.dtype).expand(b, h + ph, w + pw, c).clone()
-        out[:, :h, :w] = x
-        return out
-
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Cross-shaped attention of ``[B, H, W, C]`` tokens (already normalised), before ``proj``."""
         h, w = x.shape[1:3]
         if self.split_size is not None:
-            x = self._pad(x)
+            x = pad_to_stripes(x, self.split_size, self.pad_value)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if len(self.attns) == 1:
             out = self.attns[0](q, k, v)
@@ -315,13 +317,14 @@ class CSwinTransformer(nn.Module):
         depth, num_heads = tuple(depth), tuple(num_heads)
         if len(depth) != 4 or len(num_heads) != 4:
             raise ValueError(f"depth and num_heads need 4 entries, got {depth} and {num_heads}")
-        if global_pool != "avg":
-            raise ValueError(f"CSwin pools by averaging: global_pool must be 'avg', got {global_pool!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         split_size = parse_split_sizes(split_size, "split_size")
         la_split_size = parse_split_sizes(la_split_size, "la_split_size")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
         self.global_pool = global_pool
+        self.output_fmt = "NHWC"
         self.norm_kind, self.attn_type = norm, attn_type
         self.grad_checkpointing = False
         dims = [embed_dim * 2 ** i for i in range(4)]
@@ -334,7 +337,7 @@ class CSwinTransformer(nn.Module):
 
         self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, stride=4, padding=2),
                                                _ChannelsLast(), norm_layer(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depth))
         self.split_sizes = []
         for i in range(4):
             kind = ATTN_LETTERS[attn_type[i]]
@@ -369,10 +372,12 @@ class CSwinTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None and global_pool != "avg":
-            raise ValueError(f"CSwin pools by averaging: global_pool must be 'avg', got {global_pool!r}")
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.num_features, num_classes)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i > 0:
@@ -385,7 +390,8 @@ class CSwinTransformer(nn.Module):
         return x
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, model=self, min_size=3)
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, model=type(self).__name__, min_size=3)
         return self.stage1_conv_embed(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
@@ -418,7 +424,7 @@ class CSwinTransformer(nn.Module):
         if prune_norm or max_index < 3:
             self.norm = nn.Identity()
         if prune_head:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -429,20 +435,21 @@ class CSwinTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=(1, 2)))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def fuse(self) -> "CSwinTransformer":
-        # The conv embed's norm folds into its conv (the permute between them is no op on channels); the
-        # final norm feeds average pooling (linear) and then the head. Blocks and merges fold their own.
+        # The conv embed's norm folds into its conv (the permute between them is no op on channels). The
+        # final norm could fold into the head (pooling is linear), but forward_features and the
+        # intermediates would then change meaning with fusion: it stays a per-channel affine. Blocks and
+        # merges fold their own.
         self.stage1_conv_embed[2] = fold_into_producer(self.stage1_conv_embed[2], self.stage1_conv_embed[0])
-        if isinstance(self.head, nn.Linear):
-            self.norm = fold_into_consumers(self.norm, [self.head])
-        else:
-            self.norm = as_channel_affine(self.norm)
+        self.norm = as_channel_affine(self.norm)
         return self
 
 
@@ -475,7 +482,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CSwinTransf
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:
-    return authors_cfg(file, **{"first_conv": "stage1_conv_embed.0", "crop_pct": 0.9, "pool_size": None, **kwargs})
+    return authors_cfg(file, **{"first_conv": "stage1_conv_embed.0", "crop_pct": 0.9, "pool_size": (7, 7), **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

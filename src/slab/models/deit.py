@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
+from timm.models._features import feature_take_indices
 
 from ..layers.attention import SimplifiedLinearAttention, SoftmaxAttention
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
-from ._builder import build_slab_model, check_image_input, init_linear_layers
+from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["SlabVisionTransformer", "checkpoint_filter_fn"]
 
@@ -69,8 +71,8 @@ class SlabVisionTransformer(nn.Module):
         global_pool: ``'token'`` (class token) or ``'avg'`` (mean of the patch tokens).
         ln_eps: LayerNorm eps (1e-6 in DeiT).
         sla_kernel_size: DWC kernel of SLA.
-        authors_unused_class_token: keep an (unused, frozen) ``cls_token`` as the authors' SLAB-DeiT does,
-            so their checkpoints load strictly and parameter counts match theirs.
+        authors_unused_class_token: keep the authors' unused ``cls_token`` of SLAB-DeiT as a buffer, so their
+            checkpoints load strictly (it is not a parameter: nothing reads or trains it).
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -82,8 +84,8 @@ class SlabVisionTransformer(nn.Module):
         super().__init__()
         if attn not in ATTN_CHOICES:
             raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '' (no pooling), got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         if attn == "sla" and class_token:
@@ -94,7 +96,7 @@ class SlabVisionTransformer(nn.Module):
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.img_size = img_size
@@ -105,14 +107,14 @@ class SlabVisionTransformer(nn.Module):
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        if class_token or authors_unused_class_token:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=class_token)
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         else:
-            self.cls_token = None
+            self.register_buffer("cls_token", torch.zeros(1, 1, embed_dim) if authors_unused_class_token else None)
         num_pos = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_layer, attn, self.grid_size, sla_kernel_size,
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i]) for i in range(depth)])
@@ -120,48 +122,108 @@ class SlabVisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
+        if isinstance(self.cls_token, nn.Parameter):
             nn.init.normal_(self.cls_token, std=1e-6)
         init_linear_layers(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        skip = {"pos_embed", "cls_token"}
-        skip |= {n for n, _ in self.named_parameters() if n.endswith("positional_encoding") or n.endswith(".alpha")}
-        return skip
+        return {n for n, _ in self.named_parameters()
+                if n in ("pos_embed", "cls_token") or n.endswith(("positional_encoding", ".alpha"))}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            if global_pool == "token" and not self.num_prefix_tokens:
+                raise ValueError("global_pool='token' needs a class token")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_classes = num_classes
+        self.head = new_classifier(self, self.embed_dim, num_classes)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        pos = self.pos_embed
-        if grid != self.grid_size:
-            pos = resample_abs_pos_embed(pos, list(grid), list(self.grid_size), num_prefix_tokens=self.num_prefix_tokens)
+        pos = position_embedding_for_grid(self.pos_embed, grid, self.grid_size, self.num_prefix_tokens)
         if self.num_prefix_tokens:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, multiple_of=self.patch_size, model=self)
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> tokens with position embedding (and class token), and their grid."""
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, multiple_of=self.patch_size, model=type(self).__name__)
         x = self.patch_embed.proj(x)
         grid = (x.shape[2], x.shape[3])
-        x = self._pos_embed(x.flatten(2).transpose(1, 2), grid)
+        return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
+        return blk(x, grid)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Outputs of the blocks at ``indices`` (last n if int, all if None), as in timm's ViT.
+
+        ``norm`` applies the final norm to every intermediate; ``output_fmt`` ``'NCHW'`` gives the patch
+        tokens as maps (class token dropped), ``'NLC'`` the tokens. Returns the list, or
+        ``(forward_features(x), list)`` unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._embed(x)
+        last = max_index if stop_early else len(self.blocks) - 1
+        intermediates = []
+        for i, blk in enumerate(self.blocks):
+            if i > last:
+                break
+            x = self._block(blk, x, grid)
+            if i in take:
+                y = self.norm(x) if norm else x
+                if output_fmt == "NCHW":
+                    y = y[:, self.num_prefix_tokens:].reshape(y.shape[0], grid[0], grid[1], -1)
+                    y = y.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norm / head); returns the absolute indices."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, grid = self._embed(x)
         for blk in self.blocks:
-            x = blk(x, grid)
+            x = self._block(blk, x, grid)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -169,13 +231,20 @@ class SlabVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def fuse(self) -> "SlabVisionTransformer":
-        # The final norm feeds token pooling (linear) and then the head: fold it into the head. Without
-        # a head (features/num_classes=0), keep it as an explicit per-channel affine.
-        if isinstance(self.head, nn.Linear):
-            self.norm = fold_into_consumers(self.norm, [self.head])
-        else:
-            self.norm = as_channel_affine(self.norm)
+        # The final norm could fold into the head (pooling is linear), but forward_features and the
+        # intermediates would then change meaning with fusion: it stays a per-channel affine (one
+        # multiply-add on the final tokens).
+        self.norm = as_channel_affine(self.norm)
         return self
+
+
+@register_notrace_function  # compares the traced grid with the built one
+def position_embedding_for_grid(pos_embed: torch.Tensor, grid: tuple[int, int], built_grid: tuple[int, int],
+                        num_prefix_tokens: int) -> torch.Tensor:
+    """``pos_embed`` made for ``built_grid``, resampled for ``grid`` when they differ."""
+    if tuple(grid) == tuple(built_grid):
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, list(grid), list(built_grid), num_prefix_tokens=num_prefix_tokens)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SlabVisionTransformer) -> dict[str, torch.Tensor]:
@@ -225,6 +294,9 @@ AUTHORS_CHECKPOINTS = {
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SlabVisionTransformer:
+    if kwargs.get("features_only"):
+        # As timm's ViT: the last three blocks (every block has the same stride).
+        kwargs.setdefault("feature_cfg", dict(feature_cls="getter", out_indices=3))
     return build_slab_model(SlabVisionTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 

@@ -30,16 +30,17 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import dwc_on_values, merge_heads, resize_positional_encoding, split_heads
+from ..layers.attention import check_grid, dwc_on_values, merge_heads, resize_positional_encoding, split_heads
 from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import fold_into_consumers, fold_into_producer
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
-from ._builder import build_slab_model, check_image_input, init_linear_layers
+from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "SpatialReductionLinearAttention",
            "checkpoint_filter_fn", "parse_attn_type", "parse_ratios"]
@@ -130,7 +131,8 @@ class SpatialReductionAttention(_SpatialReduction):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         q = split_heads(self.q(x), self.num_heads)
         src, _ = self.reduce(x, hw)
-        k, v = (split_heads(t, self.num_heads) for t in self.kv(src).chunk(2, dim=-1))
+        k, v = self.kv(src).chunk(2, dim=-1)
+        k, v = split_heads(k, self.num_heads), split_heads(v, self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(merge_heads(out)))
 
@@ -156,21 +158,26 @@ class SpatialReductionLinearAttention(_SpatialReduction):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         n = x.shape[1]
-        if hw[0] * hw[1] != n:
-            raise ValueError(f"SLA got {n} tokens for a {hw[0]}x{hw[1]} grid")
+        if not torch.jit.is_scripting():
+            check_grid(n, hw)
         q = self.q(x)
         src, kv_hw = self.reduce(x, hw)
         k, v = self.kv(src).chunk(2, dim=-1)
         k = k + resize_positional_encoding(self.positional_encoding, self.kv_grid_size, kv_hw)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         out = linear_attention(q, k, v)
-        if v.shape[2] != n:
-            # Values of the reduced grid, linearly interpolated along the token sequence back to N tokens.
-            b, h, m, d = v.shape
-            v = F.interpolate(v.transpose(-2, -1).reshape(b * h, d, m), size=n, mode="linear")
-            v = v.reshape(b, h, d, n).transpose(-2, -1)
-        out = out + dwc_on_values(v, hw, self.dwc)
+        out = out + dwc_on_values(values_on_tokens(v, n), hw, self.dwc)
         return self.proj_drop(self.proj(merge_heads(out)))
+
+
+@register_notrace_function  # compares token counts known only at run time
+def values_on_tokens(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Values ``[B, h, M, d]`` of a reduced grid, linearly interpolated along the sequence to ``n`` tokens."""
+    if v.shape[2] == n:
+        return v
+    b, h, m, d = v.shape
+    v = F.interpolate(v.transpose(-2, -1).reshape(b * h, d, m), size=n, mode="linear")
+    return v.reshape(b, h, d, n).transpose(-2, -1)
 
 
 ATTN_LAYERS = {"softmax": SpatialReductionAttention, "sla": SpatialReductionLinearAttention}
@@ -301,7 +308,7 @@ class PyramidVisionTransformer(nn.Module):
         self.norm_kind, self.attn_type = norm, attn_type.upper()
         self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
         norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(num_stages):
             dim, grid = embed_dims[i], self.grid_sizes[i]
@@ -318,6 +325,7 @@ class PyramidVisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dims[i], reduction=strides[i], module=f"block{i + 1}")
                              for i in range(num_stages)]
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -330,6 +338,11 @@ class PyramidVisionTransformer(nn.Module):
         return {n for n, _ in self.named_parameters()
                 if n.startswith("pos_embed") or n.endswith("positional_encoding") or n.endswith(".alpha")}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -339,15 +352,21 @@ class PyramidVisionTransformer(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.num_features, num_classes)
+
+    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
+        return x
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based): ``[B, C_in, H, W] -> [B, C_i, H / s_i, W / s_i]``."""
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
         pos = resize_positional_encoding(getattr(self, f"pos_embed{i + 1}"), self.grid_sizes[i], hw)
-        x = self.pos_drop(x + pos)
-        for blk in getattr(self, f"block{i + 1}"):
-            x = blk(x, hw)
+        x = self._blocks(getattr(self, f"block{i + 1}"), self.pos_drop(x + pos), hw)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
@@ -355,7 +374,7 @@ class PyramidVisionTransformer(nn.Module):
         """Stage outputs (NCHW) at ``indices`` (timm semantics); with ``intermediates_only=False`` also the last one."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=self)
+        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
         take, max_index = feature_take_indices(self.num_stages, indices)
         out = []
         last = max_index if stop_early else self.num_stages - 1
@@ -381,7 +400,7 @@ class PyramidVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=self)
+        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
@@ -423,7 +442,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _cfg(file: str | None = None, **kwargs) -> dict:
-    return authors_cfg(file, **{"first_conv": "patch_embed1.proj", "crop_pct": 0.9, "pool_size": None, **kwargs})
+    return authors_cfg(file, **{"first_conv": "patch_embed1.proj", "crop_pct": 0.9, "pool_size": (7, 7), **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers.norm import get_norm_layer
-from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer
+from ..reparam.fold import as_channel_affine, fold_into_producer
 from ._authors import authors_cfg, remap_norm_keys
-from ._builder import build_slab_model, check_image_input, init_linear_layers
+from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 from .pvt import Block, authors_args, parse_attn_type, parse_ratios, resize_checkpoint_encodings, stage_input_multiple
 
 __all__ = ["PyramidVisionTransformerV2", "checkpoint_filter_fn"]
@@ -125,7 +126,7 @@ class PyramidVisionTransformerV2(nn.Module):
         self.norm_kind, self.attn_type = norm, attn_type.upper()
         self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
         norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(num_stages):
             dim, grid = embed_dims[i], self.grid_sizes[i]
@@ -143,6 +144,7 @@ class PyramidVisionTransformerV2(nn.Module):
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dims[i], reduction=strides[i], module=f"norm{i + 1}")
                              for i in range(num_stages)]
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -152,6 +154,11 @@ class PyramidVisionTransformerV2(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith("positional_encoding") or n.endswith(".alpha")}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -161,13 +168,16 @@ class PyramidVisionTransformerV2(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.num_features, num_classes)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based): ``[B, C_in, H, W] -> [B, C_i, H / s_i, W / s_i]`` (after ``norm{i+1}``)."""
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
         for blk in getattr(self, f"block{i + 1}"):
-            x = blk(x, hw)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
         x = getattr(self, f"norm{i + 1}")(x)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
@@ -176,7 +186,7 @@ class PyramidVisionTransformerV2(nn.Module):
         """Stage outputs (NCHW, after each stage's norm) at ``indices`` (timm semantics)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=self)
+        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
         take, max_index = feature_take_indices(self.num_stages, indices)
         out = []
         last = max_index if stop_early else self.num_stages - 1
@@ -202,7 +212,7 @@ class PyramidVisionTransformerV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=self)
+        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
@@ -219,15 +229,10 @@ class PyramidVisionTransformerV2(nn.Module):
     def fuse(self) -> "PyramidVisionTransformerV2":
         # A stage norm reads a residual sum (no producer to absorb it) and feeds the next patch embedding,
         # a zero-padded conv (folding into it would shift the padded zeros): it stays as an explicit
-        # per-channel affine. The last one feeds average pooling (linear) and the head: fold it into the
-        # head, so forward_features of a fused classifier returns the un-normalised map, as DeiT's.
-        last = self.num_stages
-        for i in range(1, last):
+        # per-channel affine. So does the last one (it could fold into the head): forward_features and the
+        # intermediates then mean the same before and after fusion, for one multiply-add on the last map.
+        for i in range(1, self.num_stages + 1):
             setattr(self, f"norm{i}", as_channel_affine(getattr(self, f"norm{i}")))
-        if isinstance(self.head, nn.Linear) and self.global_pool == "avg":
-            setattr(self, f"norm{last}", fold_into_consumers(getattr(self, f"norm{last}"), [self.head]))
-        else:
-            setattr(self, f"norm{last}", as_channel_affine(getattr(self, f"norm{last}")))
         return self
 
 
@@ -237,7 +242,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _cfg(**kwargs) -> dict:
-    return authors_cfg(None, **{"first_conv": "patch_embed1.proj", "crop_pct": 0.9, "pool_size": None, **kwargs})
+    return authors_cfg(None, **{"first_conv": "patch_embed1.proj", "crop_pct": 0.9, "pool_size": (7, 7), **kwargs})
 
 
 _VARIANTS = {

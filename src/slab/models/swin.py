@@ -39,14 +39,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from ..layers.attention import SimplifiedLinearAttention, resize_positional_encoding
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, drop_keys, remap_norm_keys
-from ._builder import build_slab_model, check_image_input, init_linear_layers
+from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging", "checkpoint_filter_fn",
            "parse_attn_type"]
@@ -201,6 +201,9 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+# Windows, shifts and padding follow the feature-map size at every forward (any input size runs): FX
+# keeps the block as a leaf (one graph node), as timm does for modules with shape-dependent control flow.
+@register_notrace_module
 class SwinBlock(nn.Module):
     """Pre-norm Swin block over ``[B, H, W, C]``: ``x + attn(windows(norm1(x)))``, ``x + mlp(norm2(x))``.
 
@@ -285,6 +288,7 @@ class SwinBlock(nn.Module):
         return self
 
 
+@register_notrace_module  # pads odd sides: shape-dependent control flow
 class PatchMerging(nn.Module):
     """2x2 neighbours concatenated (``[x00, x10, x01, x11]``), norm, bias-free Linear ``4C -> 2C``.
 
@@ -381,8 +385,8 @@ class SlabSwinTransformer(nn.Module):
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {depths} and num_heads {num_heads} must have one entry per stage")
         stage_attn = parse_attn_type(attn if attn is not None else attn_type, len(depths))
-        if global_pool != "avg":
-            raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         img_size = _pair(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
@@ -401,7 +405,7 @@ class SlabSwinTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         hw = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.layers = nn.ModuleList()
         self.feature_info = []
@@ -437,13 +441,16 @@ class SlabSwinTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None and global_pool != "avg":
-            raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = new_classifier(self, self.num_features, num_classes)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, multiple_of=self.patch_size, model=self)
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, multiple_of=self.patch_size, model=type(self).__name__)
         return self.pos_drop(self.patch_embed(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +461,9 @@ class SlabSwinTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=(1, 2)))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -493,16 +502,14 @@ class SlabSwinTransformer(nn.Module):
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")
         return take
 
     def fuse(self) -> "SlabSwinTransformer":
-        # The final norm feeds average pooling (linear) and the head: fold it into the head. Without a
-        # head (features, num_classes=0) keep it as an explicit per-channel affine.
-        if isinstance(self.head, nn.Linear):
-            self.norm = fold_into_consumers(self.norm, [self.head])
-        else:
-            self.norm = as_channel_affine(self.norm)
+        # The final norm could fold into the head (pooling is linear), but forward_features and the
+        # intermediates would then change meaning with fusion: it stays a per-channel affine (one
+        # multiply-add on the final tokens).
+        self.norm = as_channel_affine(self.norm)
         return self
 
 

@@ -25,6 +25,7 @@ CPU): inductor fuses the ReLUs, the normaliser and the division into the surroun
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -48,6 +49,14 @@ def kv_first(nq: int, nk: int, d: int, dv: int) -> bool:
     cost_kv_first = nk * d * (dv + 1) + nq * d * (dv + 1)
     cost_qk_first = nq * nk * d + nq * nk * (dv + 1)
     return cost_kv_first <= cost_qk_first
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off on ``device``; nothing to switch on the meta device (shape-only runs), which autocast
+    does not know."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -116,7 +125,7 @@ class _LinearAttentionKVFirst(torch.autograd.Function):
         nk, dv = k.shape[2], v.shape[3]
         s_ = b * h
         dq = dk = dv_ = None
-        with torch.autocast(device_type=grad.device.type, enabled=False):
+        with _no_autocast(grad.device):
             grad = grad.to(q.dtype).reshape(s_, nq, dv)
             # out = num / den with num = qr kv, den = qr ks + eps, gd = grad / den:
             #   d qr = gd kv^T - s ks^T  with  s = gd . out = (qr . (gd kv^T)) / den   (row-wise dots)
@@ -232,7 +241,7 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     b, h, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     ct = _compute_dtype(q)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _no_autocast(q.device):
         qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             # The TorchScript tracer/ONNX exporter cannot see into a Python autograd Function.
@@ -268,5 +277,5 @@ def linear_attention_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _linear_attention_torch(q, k, v, eps)
     if _compiled is None:
         _compiled = torch.compile(_composite, dynamic=None)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _no_autocast(q.device):
         return _compiled(q, k, v, float(eps))

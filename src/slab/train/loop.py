@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from ..data import ResumableDistributedSampler, ShardSampler, build_dataset, dataset_info
 from ..errors import UserError, check_output_dir
-from ..layers.norm import PRepBN
 from ..schedule import PRepBNSchedule
 from . import checkpoint as ckpt
 from .config import TrainConfig, resolve_steps
@@ -242,7 +241,6 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
 
     _seed_everything(cfg.seed)
     model = build_model(cfg)
-    has_prepbn = any(isinstance(m, PRepBN) for m in model.modules())
     if cfg.sync_bn and d.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -337,9 +335,9 @@ def _train(cfg: TrainConfig, d: DistInfo, callback, t_start: float) -> TrainResu
         # depthwise convs with one input channel have grads whose strides differ from DDP's bucket views: harmless
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # PRepBN leaves one branch unused while lam is 0 or 1: DDP must look for unused parameters.
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=has_prepbn)
+        # PRepBN's inactive branch (lam 0 or 1) gets exact zero gradients: every parameter takes part in
+        # every backward, so DDP needs no unused-parameter search.
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # output
     if cfg.output and d.is_main:
