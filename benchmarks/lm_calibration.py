@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     llama, tok, description = load_pretrained_llama(args.model)
     ds = data.load_text(None, seed=0)
