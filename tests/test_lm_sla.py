@@ -225,6 +225,8 @@ def test_bad_input_is_a_clear_error():
         m(x, past_key_values=wrong, use_cache=True)
     with pytest.raises(ValueError, match="cannot be cropped"):
         SLAStateLayer().crop(1)
+    with pytest.raises(ValueError, match="softmax-attention"):
+        m.to_llama()
 
 
 def test_lm_bench_contexts_cli(capsys):

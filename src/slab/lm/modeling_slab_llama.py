@@ -408,10 +408,14 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
         """The equivalent transformers ``LlamaForCausalLM`` (only for ``norm='rmsnorm'``)."""
         if self.config.norm != "rmsnorm":
             raise ValueError(f"only an rmsnorm SLAB-LLaMA is a plain LLaMA; this one has norm={self.config.norm!r}")
+        if self.config.has_sla:
+            raise ValueError(f"only a softmax-attention SLAB-LLaMA is a plain LLaMA; this one has "
+                             f"attn_type={self.config.attn_type!r}")
         from transformers import LlamaConfig
         src = self.config.to_dict()
         for key in ("model_type", "architectures", "norm", "bn_eps", "bn_momentum", "repbn_alpha_init", "bn_stats",
-                    "folded_bias", "transformers_version", "dtype"):
+                    "folded_bias", "transformers_version", "dtype", "attn_type", "sla_conv_kernel", "sla_position",
+                    "sla_chunk_size"):
             src.pop(key, None)
         llama = LlamaForCausalLM(LlamaConfig(**src))
         llama.load_state_dict(self.state_dict(), strict=False)
