@@ -25,6 +25,12 @@ def register(sub) -> None:
                         "model's RMSNorm form), fit (each to its own RMSNorm), zero (the authors')")
     p.add_argument("--bn-consistency", type=float, default=0.0,
                    help="weight of the branch-consistency loss (RepBN branch vs detached RMSNorm branch) in the transition")
+    p.add_argument("--attn-type", default="softmax",
+                   help="'softmax', 'sla' (causal simplified linear attention) or one letter per layer, S softmax / "
+                        "L SLA (e.g. SLSL)")
+    p.add_argument("--sla-conv-kernel", type=int, default=4, help="causal depthwise conv on V in SLA layers")
+    p.add_argument("--sla-position", default="rope", choices=["rope", "none"],
+                   help="SLA positions: RoPE before the ReLU kernel, or none (the conv and causal order only)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -62,7 +68,10 @@ def register(sub) -> None:
 
 def _check_args(args) -> None:
     """Settings that cannot train as asked: refused before anything is read or written."""
+    from slab.lm import SlabLlamaConfig
     from slab.schedule import PRepBNSchedule
+    SlabLlamaConfig(num_hidden_layers=args.layers, attn_type=args.attn_type, sla_conv_kernel=args.sla_conv_kernel,
+                    sla_position=args.sla_position)  # raises ValueError on a bad --attn-type
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.warmup >= args.steps:
@@ -131,10 +140,11 @@ def run(args) -> int:
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len, norm=args.norm, bn_stats=args.bn_stats, tie_word_embeddings=True,
+        attn_type=args.attn_type, sla_conv_kernel=args.sla_conv_kernel, sla_position=args.sla_position,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = SlabLlamaForCausalLM(config)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, norm={args.norm}, "
-        f"bn_stats={args.bn_stats}")
+        f"bn_stats={args.bn_stats}, attn_type={args.attn_type}")
     cfg = TrainLMConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         warmup_steps=args.warmup, weight_decay=args.weight_decay, prepbn_warmup=prepbn_warmup_steps(args),
                         prepbn_transition=args.prepbn_transition, bn_init=args.bn_init,
@@ -148,7 +158,8 @@ def run(args) -> int:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    results = {"norm": args.norm, "bn_stats": args.bn_stats, "bn_init": args.bn_init, "steps": summary["step"],
+    results = {"norm": args.norm, "attn_type": args.attn_type, "sla_conv_kernel": args.sla_conv_kernel,
+               "sla_position": args.sla_position, "bn_stats": args.bn_stats, "bn_init": args.bn_init, "steps": summary["step"],
                "bad_steps": summary["bad_steps"], "final_train_loss": summary["history"][-1]["loss"],
                "train_tokens_per_s": summary["train_tokens_per_s"], "world_size": world,
                "history": summary["history"], "eval": summary["eval"]}

@@ -11,10 +11,11 @@ from .modeling_slab_llama import (SlabLlamaDecoderLayer, SlabLlamaForCausalLM, S
                                   SlabLlamaPreTrainedModel)
 from .callbacks import PRepBNCallback
 from .norm import CausalRepBN
+from .sla_cache import SlabLlamaCache
 
 AutoConfig.register(SlabLlamaConfig.model_type, SlabLlamaConfig, exist_ok=True)
 AutoModel.register(SlabLlamaConfig, SlabLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(SlabLlamaConfig, SlabLlamaForCausalLM, exist_ok=True)
 
 __all__ = ["SlabLlamaConfig", "SlabLlamaModel", "SlabLlamaForCausalLM", "SlabLlamaPreTrainedModel",
-           "SlabLlamaDecoderLayer", "CausalRepBN", "PRepBNCallback", "LM_NORMS", "BN_STATS"]
+           "SlabLlamaDecoderLayer", "CausalRepBN", "PRepBNCallback", "LM_NORMS", "BN_STATS", "SlabLlamaCache"]

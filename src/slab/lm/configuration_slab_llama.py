@@ -8,7 +8,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-__all__ = ["SlabLlamaConfig", "LM_NORMS", "BN_STATS"]
+__all__ = ["SlabLlamaConfig", "LM_NORMS", "BN_STATS", "ATTN_TYPES", "SLA_POSITIONS"]
 
 #: 'rmsnorm' is LLaMA's baseline, 'prepbn' the progressive RMSNorm -> RepBN replacement, 'repbn' RepBN
 #: from the start, 'none' the norm-free (fused) form.
@@ -18,6 +18,11 @@ LM_NORMS = ("rmsnorm", "prepbn", "repbn", "none")
 #: the mean/variance), 'causal' tokens at positions <= t of every row (no future leak),
 #: 'running' the running statistics (no leak, no gradient through the statistics).
 BN_STATS = ("batch", "causal", "running")
+#: Whole-model attention types; a string of one letter per layer ('S' softmax, 'L' SLA) mixes them.
+ATTN_TYPES = {"softmax": "S", "sla": "L"}
+#: Position information of SLA layers: 'rope' rotates q and k before the ReLU kernel, 'none' leaves
+#: positions to the causal depthwise conv on V (and to the causal order itself).
+SLA_POSITIONS = ("rope", "none")
 
 
 @strict
@@ -37,6 +42,12 @@ class SlabLlamaConfig(LlamaConfig):
     folded_bias (`bool`): the consumers of folded norms (q/k/v, gate/up projections, lm_head) carry a bias.
         Set by :func:`slab.fuse`, together with ``norm='none'`` and ``tie_word_embeddings=False`` (folding the
         final norm into lm_head scales its columns, so it can no longer share the embedding matrix).
+    attn_type (`str`, defaults to "softmax"): 'softmax' (LLaMA's attention), 'sla' (causal simplified linear
+        attention, :mod:`slab.lm.sla`) or one letter per layer, 'S' softmax / 'L' SLA (e.g. 'SLSL').
+    sla_conv_kernel (`int`, defaults to 4): kernel size of the causal depthwise conv on V in SLA layers.
+    sla_position (`str`, defaults to "rope"): one of ``SLA_POSITIONS``.
+    sla_chunk_size (`int`, defaults to 64): tokens per chunk of the chunked parallel SLA form (quadratic inside
+        a chunk, a carried d x d state between chunks); changes speed, not results.
     """
 
     model_type = "slab_llama"
@@ -48,6 +59,10 @@ class SlabLlamaConfig(LlamaConfig):
     bn_stats: str = "batch"
     first_token_affine: bool = False
     folded_bias: bool = False
+    attn_type: str = "softmax"
+    sla_conv_kernel: int = 4
+    sla_position: str = "rope"
+    sla_chunk_size: int = 64
 
     def __post_init__(self, **kwargs):
         if self.norm not in LM_NORMS:
@@ -58,7 +73,30 @@ class SlabLlamaConfig(LlamaConfig):
             raise ValueError(f"SlabLlamaConfig.bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if self.bn_eps <= 0:
             raise ValueError(f"SlabLlamaConfig.bn_eps must be positive, got {self.bn_eps}")
+        if self.sla_conv_kernel < 1:
+            raise ValueError(f"SlabLlamaConfig.sla_conv_kernel must be >= 1, got {self.sla_conv_kernel}")
+        if self.sla_position not in SLA_POSITIONS:
+            raise ValueError(f"SlabLlamaConfig.sla_position must be one of {SLA_POSITIONS}, got {self.sla_position!r}")
+        if self.sla_chunk_size < 1:
+            raise ValueError(f"SlabLlamaConfig.sla_chunk_size must be >= 1, got {self.sla_chunk_size}")
         super().__post_init__(**kwargs)
+        self.layer_attn_types  # validates attn_type against num_hidden_layers
+
+    @property
+    def layer_attn_types(self) -> str:
+        """One letter per layer, 'S' softmax or 'L' SLA (read, not stored: follows ``num_hidden_layers``)."""
+        attn_type, layers = self.attn_type, self.num_hidden_layers
+        if attn_type in ATTN_TYPES:
+            return ATTN_TYPES[attn_type] * layers
+        if not isinstance(attn_type, str) or set(attn_type) - {"S", "L"} or len(attn_type) != layers:
+            raise ValueError(f"SlabLlamaConfig.attn_type must be one of {tuple(ATTN_TYPES)} or one letter per layer "
+                             f"('S' softmax, 'L' SLA; {layers} layers, e.g. {'SL' * (layers // 2) + 'S' * (layers % 2)!r}), "
+                             f"got {attn_type!r}")
+        return attn_type
+
+    @property
+    def has_sla(self) -> bool:
+        return "L" in self.layer_attn_types
 
     @property
     def foldable(self) -> bool:

@@ -8,7 +8,9 @@ Batch Normalization" (Guo et al., ICML 2024), section on LLaMA. Every RMSNorm of
 returns a norm-free model (``norm='none'``) that computes the same function.
 
 Attention, MLP and rotary embedding are transformers' LLaMA modules; submodule names are LLaMA's, so
-a LLaMA checkpoint converts by copying (:meth:`SlabLlamaForCausalLM.from_llama`).
+a LLaMA checkpoint converts by copying (:meth:`SlabLlamaForCausalLM.from_llama`). ``attn_type`` makes some
+or all layers causal SLA (:mod:`slab.lm.sla`), which generate with a constant-size state
+(:class:`slab.lm.sla_cache.SlabLlamaCache`).
 """
 import copy
 
@@ -31,6 +33,8 @@ from ..layers.norm import PRepBN, RepBN
 from ..reparam.fold import NotFoldableError
 from .configuration_slab_llama import SlabLlamaConfig
 from .norm import MASKED_NORMS, apply_norm, fold_norm, make_norm
+from .sla import SlabLlamaSLAttention, make_attention
+from .sla_cache import SlabLlamaCache
 
 __all__ = ["SlabLlamaDecoderLayer", "SlabLlamaPreTrainedModel", "SlabLlamaModel", "SlabLlamaForCausalLM"]
 
@@ -49,12 +53,13 @@ def _rope_type(config: SlabLlamaConfig) -> str:
 
 
 class SlabLlamaDecoderLayer(GradientCheckpointingLayer):
-    """LLaMA decoder layer (pre-norm attention + SwiGLU MLP) with a configurable norm."""
+    """LLaMA decoder layer (pre-norm attention + SwiGLU MLP) with a configurable norm and attention type."""
 
     def __init__(self, config: SlabLlamaConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = make_attention(config, layer_idx)
+        self.uses_sla = isinstance(self.self_attn, SlabLlamaSLAttention)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = make_norm(config)
         self.post_attention_layernorm = make_norm(config)
@@ -71,12 +76,14 @@ class SlabLlamaDecoderLayer(GradientCheckpointingLayer):
                 use_cache: bool | None = False,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 token_mask: torch.Tensor | None = None, first_token: torch.Tensor | None = None,
-                **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         """``hidden_states`` ``[B, T, C]``; ``token_mask`` ``[B, T]`` bool (True = real token) for BN statistics;
-        ``first_token`` ``[B, T]`` bool marks each sequence's first token (``first_token_affine`` configs)."""
+        ``first_token`` ``[B, T]`` bool marks each sequence's first token (``first_token_affine`` configs);
+        ``padding_mask`` ``[B, T]`` (1 = real token) is what an SLA layer takes in place of ``attention_mask``."""
         residual = hidden_states
         hidden_states = apply_norm(self.input_layernorm, hidden_states, token_mask, first_token)
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states,
+                                          attention_mask=padding_mask if self.uses_sla else attention_mask,
                                           position_ids=position_ids, past_key_values=past_key_values,
                                           use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         hidden_states = residual + hidden_states
@@ -197,6 +204,27 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
             start = torch.zeros(batch, dtype=torch.long, device=device)
         return torch.arange(length, device=device).unsqueeze(0) == start.unsqueeze(1)
 
+    def _padding_mask(self, attention_mask: torch.Tensor | None, past_key_values: Cache | None, batch: int,
+                      length: int) -> torch.Tensor | None:
+        """The new tokens' ``[B, T]`` padding mask for SLA layers (None without SLA layers or without a mask); checks
+        that an SLA model got a cache it can use and a mask it can read."""
+        if not self.config.has_sla:
+            return None
+        if past_key_values is not None and not isinstance(past_key_values, SlabLlamaCache):
+            raise ValueError(f"this model has SLA layers (attn_type={self.config.attn_type!r}), which keep a "
+                             f"constant-size state, not a KV cache; got {type(past_key_values).__name__}. Pass "
+                             f"slab.lm.SlabLlamaCache(model.config) or use_cache=True (static, offloaded and quantized "
+                             f"caches are not available for SLA layers)")
+        if past_key_values is not None and past_key_values.layer_attn_types != self.config.layer_attn_types:
+            raise ValueError(f"the SlabLlamaCache was built for layers {past_key_values.layer_attn_types!r} but this model's "
+                             f"layers are {self.config.layer_attn_types!r}; build it with SlabLlamaCache(model.config)")
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+            raise ValueError(f"SLA layers need a 2D padding attention_mask [B, past + T] = [{batch}, >= {length}] "
+                             f"(1 = real token), got shape {tuple(attention_mask.shape)}")
+        return attention_mask[:, -length:]
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -211,23 +239,27 @@ class SlabLlamaModel(SlabLlamaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = SlabLlamaCache(self.config) if self.config.has_sla else DynamicCache(config=self.config)
+        padding_mask = self._padding_mask(attention_mask, past_key_values, batch, length)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past_seen).unsqueeze(0)
             self._warn_past_context(past_seen, length)
         token_mask = self._token_mask(attention_mask, batch, length)
         first_token = self._first_token(attention_mask, batch, length, past_seen, inputs_embeds.device)
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                         attention_mask=attention_mask, past_key_values=past_key_values,
-                                         position_ids=position_ids)
+        causal_mask = None
+        if "S" in self.config.layer_attn_types:  # SLA layers are causal by construction and take padding_mask
+            causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask, past_key_values=past_key_values,
+                                             position_ids=position_ids,
+                                             layer_idx=self.config.layer_attn_types.index("S"))
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, token_mask=token_mask,
-                                  first_token=first_token, **kwargs)
+                                  first_token=first_token, padding_mask=padding_mask, **kwargs)
         hidden_states = apply_norm(self.norm, hidden_states, token_mask, first_token)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
@@ -266,6 +298,19 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """With SLA layers, generate() decodes with a :class:`SlabLlamaCache` (constant-size SLA states beside the
+        softmax layers' KV caches); the other cache implementations hold keys and values only and are refused."""
+        if not self.config.has_sla:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation is not None:
+            raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not available for a "
+                             f"model with SLA layers (attn_type={self.config.attn_type!r}): they keep a d x d state, "
+                             f"not keys and values; leave cache_implementation unset (SlabLlamaCache is used)")
+        model_kwargs["past_key_values"] = SlabLlamaCache(self.config)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
         """generate() with an unscaled RoPE stops at ``max_position_embeddings`` with a ``ValueError`` (the model
@@ -363,10 +408,14 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
         """The equivalent transformers ``LlamaForCausalLM`` (only for ``norm='rmsnorm'``)."""
         if self.config.norm != "rmsnorm":
             raise ValueError(f"only an rmsnorm SLAB-LLaMA is a plain LLaMA; this one has norm={self.config.norm!r}")
+        if self.config.has_sla:
+            raise ValueError(f"only a softmax-attention SLAB-LLaMA is a plain LLaMA; this one has "
+                             f"attn_type={self.config.attn_type!r}")
         from transformers import LlamaConfig
         src = self.config.to_dict()
         for key in ("model_type", "architectures", "norm", "bn_eps", "bn_momentum", "repbn_alpha_init", "bn_stats",
-                    "folded_bias", "transformers_version", "dtype"):
+                    "folded_bias", "transformers_version", "dtype", "attn_type", "sla_conv_kernel", "sla_position",
+                    "sla_chunk_size"):
             src.pop(key, None)
         llama = LlamaForCausalLM(LlamaConfig(**src))
         llama.load_state_dict(self.state_dict(), strict=False)
