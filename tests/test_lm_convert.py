@@ -123,6 +123,8 @@ def test_refitting_the_linear_layers_lowers_each_ones_error_and_fuses_exactly(co
                      1e-4)
     with pytest.raises(ValueError, match="sequential"):
         calibrate_repbn(refit, llama, calib, sequential=False, refit_ridge=1e-3)
+    with pytest.raises(ValueError, match="unknown groups"):
+        calibrate_repbn(refit, llama, calib, refit_ridge=1e-3, refit=("qvk",))
 
 
 def test_refit_is_the_identity_where_every_norm_is_linear():

@@ -193,6 +193,9 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
         raise ValueError("calibrate_repbn needs at least one batch")
     if refit_ridge is not None and not sequential:
         raise ValueError("refit_ridge needs sequential=True (it refits on the student's own inputs)")
+    unknown = set(refit) - set(_LINEAR_GROUPS)
+    if unknown:
+        raise ValueError(f"refit: unknown groups {sorted(unknown)}; choose from {list(_LINEAR_GROUPS)}")
     student.eval()
     teacher.eval()
     s_state = [_layer_inputs(student, ids, mask) for ids, mask in batches]
@@ -207,11 +210,8 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
         keeps.append((real & ~first, real & first))
     report = []
     for s_layer, t_layer in zip(student.model.layers, teacher.model.layers):
-        if refit_ridge is None:
-            s_state, t_state = _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, sequential, report)
-        else:
-            s_state, t_state = _calibrate_and_refit_layer(s_layer, t_layer, s_state, t_state, keeps, refit_ridge,
-                                                          report, refit, refit_first_token)
+        s_state, t_state = _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, report, sequential,
+                                            refit_ridge, tuple(refit), refit_first_token)
     final = student.model.norm
     x_final = [hs for hs, _ in s_state] if sequential else [ht for ht, _ in t_state]
     report.append(_fit_norm(final, x_final, [teacher.model.norm(ht) for ht, _ in t_state], keeps))
@@ -221,43 +221,40 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
     return report
 
 
-def _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, sequential, report):
-    """Fit one decoder layer's two norms; ``(student state, teacher state)`` after the layer."""
-    t_norms = [t_layer.input_layernorm, t_layer.post_attention_layernorm]
-    t_runs = [_run_capturing(t_layer, ht, tkw, t_norms, "both") for ht, tkw in t_state]
-    # the input norm reads the layer input: fit it directly on the student's hidden states
-    x_in = [hs for hs, _ in s_state] if sequential else [xy[0][0] for _, xy in t_runs]
-    report.append(_fit_norm(s_layer.input_layernorm, x_in, [xy[0][1] for _, xy in t_runs], keeps))
-    post = s_layer.post_attention_layernorm
-    x_post = _module_inputs(s_layer, s_state, post)
-    x_fit = x_post if sequential else [xy[1][0] for _, xy in t_runs]
-    report.append(_fit_norm(post, x_fit, [xy[1][1] for _, xy in t_runs], keeps))
-    # the layer's output with both norms fitted: the residual stream after attention plus the MLP
-    s_state = [(x + s_layer.mlp(_apply_fitted(post, x, first)), kw)
-               for x, (_, kw), (_, first) in zip(x_post, s_state, keeps)]
-    return s_state, [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
-
-
-def _calibrate_and_refit_layer(s_layer, t_layer, s_state, t_state, keeps, ridge, report, refit, first_token):
-    """Fit one decoder layer's norms and refit its linear layers, in the order the layer computes them."""
-    names = [n for group in _LINEAR_GROUPS.values() for n in group]
+def _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, report, sequential: bool = True,
+                     ridge: float | None = None, refit: tuple[str, ...] = (), refit_first_token: bool = True):
+    """Fit one decoder layer's two norms (and, with ``ridge``, refit the linear groups named in ``refit``) in the
+    order the layer computes them; ``(student state, teacher state)`` after the layer."""
+    names = [n for key in (refit if ridge is not None else ()) for n in _LINEAR_GROUPS[key]]
     t_mods = [t_layer.input_layernorm, t_layer.post_attention_layernorm] + [t_layer.get_submodule(n) for n in names]
     t_runs = [_run_capturing(t_layer, ht, tkw, t_mods, "both") for ht, tkw in t_state]
     target = {n: [xy[2 + i][1] for _, xy in t_runs] for i, n in enumerate(names)}
-    real = [k0 | k1 for k0, k1 in keeps] if first_token else [k0 for k0, _ in keeps]
-    report.append(_fit_norm(s_layer.input_layernorm, [hs for hs, _ in s_state], [xy[0][1] for _, xy in t_runs], keeps))
-    for key, group in list(_LINEAR_GROUPS.items())[:2]:
-        if key in refit:
-            _refit_group([s_layer.get_submodule(n) for n in group], _module_inputs(s_layer, s_state, s_layer.get_submodule(group[0])),
-                     [target[n] for n in group], real, ridge)
+    rows = [k0 | k1 for k0, k1 in keeps] if refit_first_token else [k0 for k0, _ in keeps]
+
+    def refit_stage(keys):
+        for key in keys:
+            group = _LINEAR_GROUPS[key]
+            if group[0] in target:
+                linears = [s_layer.get_submodule(n) for n in group]
+                _refit_group(linears, _module_inputs(s_layer, s_state, linears[0]), [target[n] for n in group],
+                             rows, ridge)
+
+    # the input norm reads the layer input: fit it directly on the student's hidden states
+    x_in = [hs for hs, _ in s_state] if sequential else [xy[0][0] for _, xy in t_runs]
+    report.append(_fit_norm(s_layer.input_layernorm, x_in, [xy[0][1] for _, xy in t_runs], keeps))
+    refit_stage(("qkv", "o"))
+    t_state = [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
     post = s_layer.post_attention_layernorm
-    report.append(_fit_norm(post, _module_inputs(s_layer, s_state, post), [xy[1][1] for _, xy in t_runs], keeps))
-    for key, group in list(_LINEAR_GROUPS.items())[2:]:
-        if key in refit:
-            _refit_group([s_layer.get_submodule(n) for n in group], _module_inputs(s_layer, s_state, s_layer.get_submodule(group[0])),
-                     [target[n] for n in group], real, ridge)
-    s_state = [(_run_capturing(s_layer, hs, kw, [], "input")[0], kw) for hs, kw in s_state]
-    return s_state, [(out, tkw) for (out, _), (_, tkw) in zip(t_runs, t_state)]
+    if not sequential:  # every norm on the teacher's activations: the student's own are never needed
+        report.append(_fit_norm(post, [xy[1][0] for _, xy in t_runs], [xy[1][1] for _, xy in t_runs], keeps))
+        return s_state, t_state
+    x_post = _module_inputs(s_layer, s_state, post)
+    report.append(_fit_norm(post, x_post, [xy[1][1] for _, xy in t_runs], keeps))
+    refit_stage(("gate_up", "down"))
+    # the layer's output with both norms fitted: the residual stream after attention plus the MLP
+    s_state = [(x + s_layer.mlp(_apply_fitted(post, x, first)), kw)
+               for x, (_, kw), (_, first) in zip(x_post, s_state, keeps)]
+    return s_state, t_state
 
 
 def _module_inputs(layer: nn.Module, state, module: nn.Module) -> list[torch.Tensor]:
