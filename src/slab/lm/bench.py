@@ -57,6 +57,23 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def _timed_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device):
+    """``(prefill seconds, decode seconds, cache)`` of one greedy run: the prompt forward with the cache, then
+    ``new_tokens`` one-token steps."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    t1 = time.perf_counter()
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t1, cache
+
+
+@torch.inference_mode()
 def time_generation(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
                     device: torch.device | str = "cpu", seed: int = 0) -> dict:
     """Median prefill and decode throughput of greedy decoding with the KV cache.
@@ -71,20 +88,10 @@ def time_generation(model: nn.Module, batch: int, prompt_len: int, new_tokens: i
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
     prefill, decode = [], []
     for r in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        t1 = time.perf_counter()
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        t2 = time.perf_counter()
+        t_prefill, t_decode, _ = _timed_greedy(model, prompt, new_tokens, device)
         if r:
-            prefill.append(batch * prompt_len / (t1 - t0))
-            decode.append(batch * new_tokens / (t2 - t1))
+            prefill.append(batch * prompt_len / t_prefill)
+            decode.append(batch * new_tokens / t_decode)
     return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
 
 
@@ -140,19 +147,9 @@ def time_at_context(model: nn.Module, context: int, new_tokens: int, repeats: in
     prompt = prompt.to(device)
     prefill, decode = [], []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        _sync(device)
-        t1 = time.perf_counter()
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        t2 = time.perf_counter()
-        prefill.append(1e3 * (t1 - t0) / context)
-        decode.append(1e3 * (t2 - t1) / new_tokens)
+        t_prefill, t_decode, cache = _timed_greedy(model, prompt, new_tokens, device)
+        prefill.append(1e3 * t_prefill / context)
+        decode.append(1e3 * t_decode / new_tokens)
     return {"prefill_ms_per_token": statistics.median(prefill), "decode_ms_per_token": statistics.median(decode),
             "cache_mib": cache_bytes(cache) / 2 ** 20}
 
