@@ -302,9 +302,8 @@ class SlabLlamaForCausalLM(SlabLlamaPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """With SLA layers, generate() decodes with a :class:`SlabLlamaCache` (constant-size SLA states beside the
         softmax layers' KV caches); the other cache implementations hold keys and values only and are refused."""
-        if not self.config.has_sla:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if (not self.config.has_sla or model_kwargs.get("past_key_values") is not None
+                or generation_config.use_cache is False):
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.cache_implementation is not None:
             raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not available for a "
