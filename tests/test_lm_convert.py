@@ -127,6 +127,34 @@ def test_refitting_the_linear_layers_lowers_each_ones_error_and_fuses_exactly(co
         calibrate_repbn(refit, llama, calib, refit_ridge=1e-3, refit=("qvk",))
 
 
+def test_local_distillation_brings_each_layer_closer_to_the_original_and_fuses_exactly(corpus):
+    _, ds, tok = corpus
+    llama = tiny_llama(tok)
+    with torch.no_grad():  # tokens of very different scales, so that no per-channel map replaces the RMSNorms
+        llama.model.embed_tokens.weight.mul_(torch.exp(torch.randn(len(tok), 1, generator=torch.Generator().manual_seed(1))))
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 24)
+    calib, probe = [(blocks[i: i + 8], None) for i in range(0, 32, 8)], blocks[64:80]
+
+    def layer_errors(model):  # relative error of the residual stream after each decoder layer but the last
+        with torch.no_grad():
+            hs = model(input_ids=probe, output_hidden_states=True).hidden_states
+            ht = llama(input_ids=probe, output_hidden_states=True).hidden_states
+        return [float((a - b).norm() / b.norm()) for a, b in zip(hs[1:-1], ht[1:-1])]
+
+    plain = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", first_token_affine=True)
+    calibrate_repbn(plain, llama, calib)
+    local = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", first_token_affine=True)
+    calibrate_repbn(local, llama, calib, local_steps=48, local_lr=3e-3)
+    before, after = layer_errors(plain), layer_errors(local)
+    assert all(a < b for a, b in zip(after, before)), (after, before)  # held-out blocks, not the calibration's
+    assert not local.training
+    with torch.no_grad():
+        assert_close("fused after local distillation", local(input_ids=probe).logits,
+                     slab.fuse(local)(input_ids=probe).logits, 1e-4)
+    with pytest.raises(ValueError, match="sequential"):
+        calibrate_repbn(local, llama, calib, sequential=False, local_steps=2)
+
+
 def test_refit_is_the_identity_where_every_norm_is_linear():
     from slab.lm.convert import RidgeRefit
     torch.manual_seed(0)

@@ -50,6 +50,10 @@ def register(sub) -> None:
                    help="also refit every linear layer by ridge regression during calibration (e.g. 1e-2 with "
                         "--calib-batches 64; zero-shot 299 -> 126 on the small LLaMA of docs/language_models.md, "
                         "but it diverges on SmolLM2): off by default")
+    p.add_argument("--local-steps", type=int, default=0,
+                   help="during calibration, train each decoder layer this many Adam steps to reproduce the "
+                        "original layer's output on its own inputs (local distillation; 0: off)")
+    p.add_argument("--local-lr", type=float, default=1e-4, help="learning rate of --local-steps")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --eval-len tokens")
     p.add_argument("--eval-len", type=int, default=None,
                    help="tokens per held-out block (default: 2 x --seq-len, at most the model's context)")
@@ -66,7 +70,7 @@ def register(sub) -> None:
 
 
 def _check_args(args) -> None:
-    for name in ("steps", "calib_batches", "eval_blocks", "recalibrate_batches"):
+    for name in ("steps", "calib_batches", "eval_blocks", "recalibrate_batches", "local_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < 1 or args.seq_len < 8:
@@ -80,6 +84,8 @@ def _check_args(args) -> None:
                          f"never reach --lr; use fewer warm-up steps")
     if args.refit_ridge is not None and (args.init != "calibrate" or args.refit_ridge < 0):
         raise ValueError(f"--refit-ridge needs --init calibrate and a value >= 0 (got {args.refit_ridge})")
+    if args.local_steps and (args.init != "calibrate" or not args.local_lr > 0):
+        raise ValueError(f"--local-steps needs --init calibrate and --local-lr > 0 (got {args.local_lr})")
     if not 0.0 <= args.prepbn_transition <= 1.0:
         raise ValueError(f"--prepbn-transition is a fraction of --steps in [0, 1], got {args.prepbn_transition}")
 
@@ -171,9 +177,11 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         t0 = time.time()
         calib = train_ids[: args.calib_batches * bs]
         fits = calibrate_repbn(model, llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
-                               sequential=True, refit_ridge=args.refit_ridge)
+                               sequential=True, refit_ridge=args.refit_ridge, local_steps=args.local_steps,
+                               local_lr=args.local_lr)
         results["calibration"] = {"seconds": time.time() - t0, "tokens": int(calib.numel()),
-                                  "refit_ridge": args.refit_ridge,
+                                  "refit_ridge": args.refit_ridge, "local_steps": args.local_steps,
+                                  "local_lr": args.local_lr,
                                   "fit_error": {f["name"]: f["fit_error"] for f in fits}}
         results["ppl_calibrated"] = perplexity(model, eval_ids, batch_size=eval_bs, device=device)
         log(f"calibrated {len(fits)} norms in {time.time() - t0:.0f}s; zero-shot held-out perplexity "

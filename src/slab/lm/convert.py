@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..layers.norm import PRepBN
 
-__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form", "LeastSquares", "RidgeRefit", "set_fitted_map"]
+__all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form", "LeastSquares", "RidgeRefit", "set_fitted_map",
+           "local_distill_layer"]
 
 
 class _Stop(Exception):
@@ -170,7 +171,7 @@ _LINEAR_GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_p
 @torch.no_grad()
 def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential: bool = True,
                     refit_ridge: float | None = None, refit: tuple[str, ...] = ("qkv", "o", "gate_up", "down"),
-                    refit_first_token: bool = True) -> list[dict]:
+                    refit_first_token: bool = True, local_steps: int = 0, local_lr: float = 1e-4) -> list[dict]:
     """Set every PRepBN's RepBN branch of ``student`` to the least-squares fit of ``teacher``'s RMSNorm outputs.
 
     ``student`` is a ``norm='prepbn'`` SLAB-LLaMA converted from ``teacher`` (a transformers LLaMA with the
@@ -187,6 +188,11 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
     same layer: a full matrix can undo part of what a per-channel map cannot (the per-token scale, where it
     correlates with the token's direction). ``ridge`` is relative to the mean diagonal of the inputs' Gram
     matrix and pulls each weight towards its current value.
+
+    ``local_steps`` (e.g. 32) then trains each decoder layer, once its norms are fitted, for that many Adam
+    steps (``local_lr``) on the calibration batches: the student layer on its own inputs against the teacher
+    layer's output (:func:`local_distill_layer`), so each layer learns to absorb the error of its own maps
+    before the next layer is fitted on its output.
     """
     batches = [(ids, mask) for ids, mask in batches]
     if not batches:
@@ -208,10 +214,17 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
             first = torch.zeros_like(real)
             first[:, 0] = True
         keeps.append((real & ~first, real & first))
+    if local_steps and not sequential:
+        raise ValueError("local_steps needs sequential=True (it trains each layer on the student's own inputs)")
     report = []
     for s_layer, t_layer in zip(student.model.layers, teacher.model.layers):
+        s_in = s_state
         s_state, t_state = _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, report, sequential,
                                             refit_ridge, tuple(refit), refit_first_token)
+        if local_steps:
+            rows = [k0 | k1 for k0, k1 in keeps]
+            local_distill_layer(s_layer, s_in, [out for out, _ in t_state], rows, local_steps, local_lr)
+            s_state = [(_layer_output(s_layer, hs, kw), kw) for hs, kw in s_in]
     final = student.model.norm
     x_final = [hs for hs, _ in s_state] if sequential else [ht for ht, _ in t_state]
     report.append(_fit_norm(final, x_final, [teacher.model.norm(ht) for ht, _ in t_state], keeps))
@@ -255,6 +268,36 @@ def _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, report, sequenti
     s_state = [(x + s_layer.mlp(_apply_fitted(post, x, first)), kw)
                for x, (_, kw), (_, first) in zip(x_post, s_state, keeps)]
     return s_state, t_state
+
+
+def _layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def local_distill_layer(layer: nn.Module, inputs, targets: list[torch.Tensor], rows: list[torch.Tensor],
+                        steps: int, lr: float) -> list[float]:
+    """Train ``layer`` (eval mode: its norms are the fixed maps they fold to) for ``steps`` Adam steps, one
+    calibration batch per step, so that its output on the student's ``inputs`` (``(hidden, kwargs)`` pairs)
+    matches the teacher layer's ``targets`` on the real tokens ``rows``. The loss is each token's squared error
+    relative to its target's squared norm: tokens count alike whatever their scale (the attention sink's
+    residual stream is ~100x the others'). Returns the loss of each step."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    with torch.enable_grad():
+        for step in range(steps):
+            i = step % len(inputs)
+            (hidden, kwargs), target, keep = inputs[i], targets[i], rows[i]
+            out = _layer_output(layer, hidden, kwargs)
+            err = (out - target).float().pow(2).sum(-1) / target.float().pow(2).sum(-1).clamp(min=1e-12)
+            loss = err[keep].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    layer.zero_grad(set_to_none=True)
+    return losses
 
 
 def _module_inputs(layer: nn.Module, state, module: nn.Module) -> list[torch.Tensor]:
