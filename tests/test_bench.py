@@ -10,7 +10,7 @@ from slab.bench.latency import count_gflops, count_params
 from slab.bench.machine import machine_info
 from slab.bench.models import FAMILY_MODELS, build_forms, build_norm_form, bench_model
 from slab.bench.norms import model_training_cost, norm_training_cost
-from slab.bench.run import _sla_gpu_markdown, render_markdown
+from slab.bench.run import _prepbn_gpu_markdown, _sla_gpu_markdown, render_markdown
 from slab.bench.timing import compare, time_fn
 from slab.reparam.fuse import remaining_norms
 
@@ -79,6 +79,19 @@ def test_sla_gpu_section_skips_without_a_gpu_and_renders():
            "triton_rel_error_vs_reference": 1e-4}
     text = "\n".join(_sla_gpu_markdown({"gpu": "G", "batch": 8, "heads": 3, "head_dim": 32, "rows": [row]}))
     assert "| float16 | 196 | 2.000 | 1.000 | 3.000 |" in text and "1.0e-04" in text
+
+
+def test_prepbn_gpu_section_skips_without_a_gpu_and_renders():
+    from slab.bench.norms import prepbn_gpu_cost
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in prepbn_gpu_cost(((16, 8),))["skipped"]
+    assert "Skipped: why." in "\n".join(_prepbn_gpu_markdown({"skipped": "why"}))
+    ms = {"LayerNorm": 1.0, "PRepBN torch (lam=0.5)": 3.0, "PRepBN triton (lam=0.5)": 1.5}
+    row = {"tokens": 12608, "channels": 384, "dtype": "bfloat16", "forward_ms": ms, "forward_backward_ms": ms,
+           "not_run": {"PRepBN torch (lam=0)": "RuntimeError: no"}, "triton_rel_error_vs_reference": 2e-3}
+    text = "\n".join(_prepbn_gpu_markdown({"gpu": "G", "unit": "ms", "rows": [row]}))
+    assert "| bfloat16 | 12608 x 384 | 1.000 | 3.000 | 1.500 |" in text and "2.0e-03" in text and "(G; ms)" in text
+    assert "bfloat16 PRepBN torch (lam=0): not run (RuntimeError: no)" in text
 
 
 def test_norm_and_training_sections():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from slab.ops import linear_attention, linear_attention_reference
+from slab.ops import linear_attention, linear_attention_reference, prepbn_mix_reference
 from slab.ops.linear_attention import kv_first, linear_attention_compiled
 
 from conftest import assert_close
@@ -137,19 +137,7 @@ def test_compiled_path_matches():
     assert_close("compiled", linear_attention_reference(q, k, v), out, 1e-5)
 
 
-# ---------------------------------------------------------------- fused norm kernels vs their composition
-def _composed_prepbn(x, ln, bn, alpha, lam):
-    """``lam * LN(x) + (1 - lam) * (BN(x) + alpha * x)`` from plain functional ops (BN in training mode)."""
-    import torch.nn.functional as F
-    c = x.shape[-1]
-    rep = F.batch_norm(x.reshape(-1, c), bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
-                       bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1),
-                       bn.eps).reshape(x.shape) + alpha * x
-    if lam == 0.0:
-        return rep
-    return lam * F.layer_norm(x, (c,), ln.weight, ln.bias, ln.eps) + (1 - lam) * rep
-
-
+# ---------------------------------------------------------------- fused norm kernels vs the reference
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.999], ids=["after", "transition", "start"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_prepbn_fused_training_kernels_match_composition(lam, momentum):
@@ -169,7 +157,11 @@ def test_prepbn_fused_training_kernels_match_composition(lam, momentum):
     x = (torch.randn(3, 50, 24) * 2 + 1).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     y = m(x)
-    yr = _composed_prepbn(xr, ref.ln, ref.repbn.bn, ref.repbn.alpha, lam)
+    bn = ref.repbn.bn
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
+    yr = prepbn_mix_reference(xr.reshape(-1, 24), ref.ln.weight, ref.ln.bias, bn.weight, bn.bias, ref.repbn.alpha,
+                              None if lam == 0.0 else ref.lam, bn.running_mean, bn.running_var, factor, bn.eps,
+                              ref.ln.eps).reshape(xr.shape)
     ref.repbn.bn.num_batches_tracked.add_(1)
     assert_close("output", yr, y, 1e-5)
     g = torch.randn_like(y)

@@ -13,7 +13,7 @@ from .machine import machine_info
 
 __all__ = ["BenchConfig", "QUICK", "FULL", "run_bench", "render_markdown"]
 
-SECTIONS = ("sla", "attention", "norms", "training", "models", "sla_gpu")
+SECTIONS = ("sla", "attention", "norms", "training", "models", "sla_gpu", "prepbn_gpu")
 
 
 @dataclass
@@ -104,6 +104,12 @@ def run_bench(cfg: BenchConfig, output: str | os.PathLike, log=print) -> dict:
         if "skipped" in result["sla_gpu"]:
             log(f"   skipped: {result['sla_gpu']['skipped']}")
         save()
+    if "prepbn_gpu" in cfg.sections:
+        log("== PRepBN op torch vs Triton vs LayerNorm on the GPU")
+        result["prepbn_gpu"] = norms.prepbn_gpu_cost()
+        if "skipped" in result["prepbn_gpu"]:
+            log(f"   skipped: {result['prepbn_gpu']['skipped']}")
+        save()
     if "norms" in cfg.sections:
         log(f"== norm training cost on {cfg.norm_shape}")
         result["norms"] = norms.norm_training_cost(cfg.norm_shape, repeats=cfg.norm_repeats)
@@ -160,6 +166,24 @@ def _sla_gpu_markdown(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _prepbn_gpu_markdown(r: dict) -> list[str]:
+    title = "### PRepBN training op, torch vs Triton vs LayerNorm on the GPU"
+    if "skipped" in r:
+        return [title, "", f"Skipped: {r['skipped']}.", ""]
+    names = list(dict.fromkeys(n for row in r["rows"] for n in row["forward_ms"]))
+    header = [f"{n} fwd" for n in names] + [f"{n} fwd+bwd" for n in names] + ["Triton rel. error"]
+    lines = [f"{title} ({r['gpu']}; ms)", "",
+             "| dtype | tokens x C | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
+    notes = []
+    for row in r["rows"]:
+        cells = [_f(row[key][n], 3) if n in row[key] else "-" for key in ("forward_ms", "forward_backward_ms")
+                 for n in names]
+        lines.append(f"| {row['dtype']} | {row['tokens']} x {row['channels']} | " + " | ".join(cells)
+                     + f" | {row['triton_rel_error_vs_reference']:.1e} |")
+        notes += [f"{row['dtype']} {n}: not run ({why})" for n, why in row.get("not_run", {}).items()]
+    return lines + [""] + ([f"* {n}" for n in dict.fromkeys(notes)] + [""] if notes else [])
+
+
 def render_markdown(result: dict, plot_path: str | None = None) -> str:
     """The result tables as markdown (what docs/benchmarks.md holds)."""
     m = result["machine"]
@@ -195,6 +219,8 @@ def render_markdown(result: dict, plot_path: str | None = None) -> str:
         lines.append("")
     if "sla_gpu" in result:
         lines += _sla_gpu_markdown(result["sla_gpu"])
+    if "prepbn_gpu" in result:
+        lines += _prepbn_gpu_markdown(result["prepbn_gpu"])
     if "norms" in result:
         r = result["norms"]
         lines += [f"### Norm training cost, forward + backward on {tuple(r['shape'])} (ms)", "",

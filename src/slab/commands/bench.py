@@ -8,8 +8,9 @@ Sections: ``sla`` (the SLA op vs the einsum form, and the memory-bandwidth bound
 of the norm alone), ``training`` (a whole training step per norm form), ``models`` (per family and form:
 params, GFLOPs, latency at batch 1 and throughput at a larger batch in eager, torch.compile and ONNX
 Runtime, with ratios to the LayerNorm form and the norm-free bound), ``sla_gpu`` (on a CUDA GPU: the SLA
-op's torch and Triton paths vs SDPA by token count in float16/bfloat16; skipped, with the reason, without
-one). Candidates are always timed side
+op's torch and Triton paths vs SDPA by token count in float16/bfloat16), ``prepbn_gpu`` (on a CUDA GPU: the
+PRepBN training op's torch and Triton paths vs LayerNorm; both GPU sections are skipped, with the reason,
+without one). Candidates are always timed side
 by side, interleaved, and reported as the 20th percentile of the repeats: compare ratios, not
 absolute times, on a shared machine.
 """
@@ -38,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small models, few repeats: a couple of minutes")
     p.add_argument("--output", default="outputs/bench", help="folder for bench.json, bench.md and the plot")
     p.add_argument("--sections", type=_csv, default=None,
-                   help="comma-separated subset of sla,attention,norms,training,models,sla_gpu (default: all)")
+                   help="comma-separated subset of sla,attention,norms,training,models,sla_gpu,prepbn_gpu "
+                        "(default: all)")
     p.add_argument("--families", type=_csv, default=None,
                    help="comma-separated families (deit,pvt,pvt_v2,swin,cswin) or registered model names")
     p.add_argument("--backends", type=_csv, default=None, help="subset of eager,compile,onnxruntime")

@@ -12,72 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from ..ops.prepbn import prepbn_mix
+
 __all__ = ["TokenBatchNorm", "RepBN", "PRepBN", "ChannelAffine", "RMSNorm", "get_norm_layer",
            "set_prepbn_lambda", "record_branch_gaps", "pop_branch_gap", "NORM_CHOICES"]
 
 NORM_CHOICES = ("ln", "bn", "repbn", "prepbn", "none")
 _LAYOUTS = ("tokens", "channels")
-
-
-class _ProgressiveBNFunction(torch.autograd.Function):
-    """Training-mode ``lam * LN(x) + (1 - lam) * (BN(x) + alpha * x)`` on ``[M, C]`` tokens, ``0 <= lam < 1``.
-
-    Built from PyTorch's native normalization kernels with as few passes over ``x`` as eager mode
-    allows (the plain composition needs about three times as many):
-
-    * forward: one ``native_batch_norm`` for the per-channel batch statistics (it also updates the
-      running statistics); the BN branch and ``alpha`` become a per-channel affine ``x * s + t``;
-      ``t`` rides in the bias of one ``native_layer_norm`` (weight ``lam * g``) and ``x * s`` is
-      added in place. With ``lam == 0`` the LN is skipped and the output is one ``addcmul``;
-    * backward: ``native_layer_norm_backward`` and ``native_batch_norm_backward`` (whose weight
-      carries the ``lam`` mix), plus ``alpha * grad``; ``d alpha = sum(grad * x)`` comes for free from
-      the BN weight and bias gradients: ``sum_n grad x = d_gamma / invstd + mean * d_beta``.
-    """
-
-    @staticmethod
-    def forward(ctx, x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam, running_mean, running_var,
-                factor: float, bn_eps: float, ln_eps: float, use_ln: bool):
-        # Batch statistics (and the running-statistics update) from the native kernel; its output is unused.
-        _, mean, invstd = torch.native_batch_norm(x2d, None, None, running_mean, running_var, True, factor, bn_eps)
-        keep = 1.0 - lam
-        k = bn_weight * invstd
-        scale = (k + alpha) * keep
-        shift = (bn_bias - mean * k) * keep
-        if use_ln:
-            y, mu, rstd = torch.native_layer_norm(x2d, (x2d.shape[1],), ln_weight * lam, ln_bias * lam + shift,
-                                                  ln_eps)
-            y.addcmul_(x2d, scale)
-        else:
-            y, mu, rstd = torch.addcmul(shift, x2d, scale), None, None
-        ctx.use_ln, ctx.bn_eps = use_ln, bn_eps
-        ctx.save_for_backward(x2d, ln_weight, bn_weight, alpha, lam, mean, invstd, mu, rstd)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x2d, ln_weight, bn_weight, alpha, lam, mean, invstd, mu, rstd = ctx.saved_tensors
-        grad = grad.contiguous()
-        keep = 1.0 - lam
-        need_x = ctx.needs_input_grad[0]
-        dx, d_bnw, d_bnb = torch.ops.aten.native_batch_norm_backward(
-            grad, x2d, bn_weight * keep, None, None, mean, invstd, True, ctx.bn_eps, [need_x, True, True])
-        # d_bnw, d_bnb are sum(grad * xhat), sum(grad): gradients w.r.t. the weight/bias passed.
-        d_alpha = (keep * ((d_bnw / invstd) + mean * d_bnb).sum()).reshape(alpha.shape)
-        d_lnw = d_lnb = None
-        if ln_weight is not None and not ctx.use_ln:
-            # An inactive LN branch (lam == 0) passed in only to receive zero gradients (see PRepBN).
-            d_lnw, d_lnb = torch.zeros_like(ln_weight), torch.zeros_like(ln_weight)
-        if ctx.use_ln:
-            dx_ln, g_lnw, g_lnb = torch.ops.aten.native_layer_norm_backward(
-                grad, x2d, [x2d.shape[1]], mu, rstd, ln_weight * lam, ln_weight, [need_x, True, True])
-            d_lnw, d_lnb = g_lnw * lam, g_lnb * lam
-            if need_x:
-                dx.add_(dx_ln)
-        if need_x:
-            dx.addcmul_(grad, alpha * keep)
-        return (dx if need_x else None, d_lnw, d_lnb, d_bnw * keep, d_bnb * keep, d_alpha, None, None, None,
-                None, None, None, None)
 
 
 def _zero_anchor(module: nn.Module | None) -> torch.Tensor | float:
@@ -243,21 +184,15 @@ class RepBN(TokenBatchNorm):
 
     def progressive(self, x: torch.Tensor, ln_weight, ln_bias, lam: torch.Tensor | None, ln_eps: float,
                     alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Training-mode ``lam * LN(x) + (1 - lam) * RepBN(x)`` through the fused kernels.
+        """Training-mode ``lam * LN(x) + (1 - lam) * RepBN(x)`` through :func:`slab.ops.prepbn.prepbn_mix`.
 
         ``lam`` None: 0, and the LN is not computed; LN parameters given then get zero gradients.
         ``alpha`` replaces ``self.alpha`` (PRepBN passes one carrying a zero-valued anchor).
         """
         bn = self.bn
-        use_ln = lam is not None
         alpha = self.alpha if alpha is None else alpha
-        lam_t = lam.to(x.dtype) if use_ln else x.new_zeros(())
-        x2d = x.reshape(-1, self.dim)
-        if not x2d.is_contiguous():
-            x2d = x2d.contiguous()
-        y = _ProgressiveBNFunction.apply(x2d, ln_weight, ln_bias, bn.weight, bn.bias, alpha, lam_t,
-                                         bn.running_mean, bn.running_var, self._running_factor(), bn.eps,
-                                         ln_eps, use_ln)
+        y = prepbn_mix(x.reshape(-1, self.dim), ln_weight, ln_bias, bn.weight, bn.bias, alpha, lam,
+                       bn.running_mean, bn.running_var, self._running_factor(), bn.eps, ln_eps)
         return y.reshape(x.shape)
 
 

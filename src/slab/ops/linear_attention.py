@@ -30,7 +30,7 @@ import os
 
 import torch
 
-__all__ = ["linear_attention", "linear_attention_compiled", "kv_first", "IMPLS"]
+__all__ = ["linear_attention", "linear_attention_compiled", "kv_first", "triton_auto_allowed", "IMPLS"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -188,14 +188,23 @@ def _triton_importable() -> bool:
     return _triton_ok
 
 
+def triton_auto_allowed(x: torch.Tensor) -> bool:
+    """Whether an automatic ``impl`` choice may take a Triton path for ``x``: a CUDA tensor, ``SLAB_TRITON=1`` in
+    the environment, and not under tracing or compiling (exporters and dynamo cannot see into a Triton launch).
+
+    The switch every op's automatic choice shares (SLA here, the PRepBN mix in :mod:`slab.ops.prepbn`). The
+    kernels are verified only under Triton's interpreter so far (no GPU has been lent to this project yet):
+    until a GPU run has checked them compiled, the automatic choice needs that opt-in."""
+    if not x.is_cuda or not torch.cuda.is_available() or os.environ.get("SLAB_TRITON", "0") != "1":
+        return False
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+
+
 def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """'triton' for CUDA inputs the kernels support (outside tracing and compiling) once ``SLAB_TRITON=1`` is set,
-    else 'torch'. The kernels are verified only under Triton's interpreter so far (no GPU has been lent to this
-    project yet): until a GPU run has checked them compiled, the automatic choice needs that opt-in."""
-    if not q.is_cuda or not torch.cuda.is_available() or os.environ.get("SLAB_TRITON", "0") != "1":
+    """'triton' for inputs the kernels support where :func:`triton_auto_allowed` (``SLAB_TRITON=1``, CUDA), else
+    'torch'."""
+    if not triton_auto_allowed(q):
         return "torch"
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return "torch"  # exporters and dynamo cannot see into the Triton launch
     if not _triton_importable() or _triton_module().unsupported(q, k, v) is not None:
         return "torch"
     return "triton"
