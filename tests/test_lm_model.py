@@ -189,6 +189,39 @@ def test_causal_statistics_match_batch_statistics_at_last_position():
     assert_close("running var", batch.bn.running_var, causal.bn.running_var, 1e-6)
 
 
+def test_causal_prior_pools_the_prefix_with_the_running_statistics():
+    """Position t's statistics are those of its prefix tokens pooled with ``causal_prior`` pseudo-tokens of the
+    running mean and variance: 0 gives the plain prefix statistics, a huge prior the running statistics."""
+    from slab.lm.norm import CausalRepBN
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 8) * 2 + 1
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+
+    def out(prior=0.0, stats="causal"):
+        n = CausalRepBN(8, stats=stats, causal_prior=prior).train()
+        with torch.no_grad():
+            n.bn.weight.fill_(1.0)
+            n.bn.running_mean.copy_(torch.linspace(-1, 1, 8))
+            n.bn.running_var.copy_(torch.linspace(0.5, 3, 8))
+        return n, n(x, mask)
+
+    norm, y = out(prior=10.0)
+    rm, rv, t = torch.linspace(-1, 1, 8), torch.linspace(0.5, 3, 8), 4
+    prefix = x[:, : t + 1][mask[:, : t + 1]]                                   # [n, C]
+    n = prefix.shape[0]
+    mean = (prefix.sum(0) + 10.0 * rm) / (n + 10.0)
+    second = ((prefix - mean).pow(2).sum(0) + 10.0 * (rv + (rm - mean).pow(2))) / (n + 10.0)  # pooled
+    expected = (x[:, t] - mean) / torch.sqrt(second + norm.bn.eps)
+    assert_close("pooled statistics at position 4", expected, y[:, t], 1e-5)
+    assert (out(prior=0.0)[1] - out(prior=10.0)[1]).abs().max() > 1e-2
+    assert_close("a huge prior is the running statistics", out(stats="running")[1], out(prior=1e9)[1], 1e-4)
+    with pytest.raises(ValueError, match="causal_prior"):
+        CausalRepBN(8, stats="causal", causal_prior=-1.0)
+    with pytest.raises(ValueError, match="bn_causal_prior"):
+        SlabLlamaConfig(bn_causal_prior=-2.0)
+
+
 def test_bad_input(caplog):
     m = trained_like("prepbn")
     # RoPE has no hard limit and LLaMA's forward does not refuse (RoPE scaling relies on it): a warning, once

@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--norm", default="prepbn", choices=["rmsnorm", "prepbn", "repbn"])
     p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running"],
                    help="BN statistics in training: batch (authors'; leaks future tokens), causal (prefix), running")
+    p.add_argument("--bn-causal-prior", type=float, default=256.0,
+                   help="with --bn-stats causal: weight, in tokens, of the running statistics pooled into each "
+                        "position's prefix statistics (0: plain prefix statistics; 1.069 x RMSNorm where 256 gave "
+                        "1.029 x, docs/language_models.md)")
     p.add_argument("--bn-init", default="calibrate", choices=["zero", "fit", "calibrate"],
                    help="RepBN branches when lam first drops: calibrate (default: sequential least squares against the "
                         "model's RMSNorm form), fit (each to its own RMSNorm), zero (the authors')")
@@ -140,6 +144,7 @@ def run(args) -> int:
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate or 3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len, norm=args.norm, bn_stats=args.bn_stats, tie_word_embeddings=True,
+        bn_causal_prior=args.bn_causal_prior,
         attn_type=args.attn_type, sla_conv_kernel=args.sla_conv_kernel, sla_position=args.sla_position,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = SlabLlamaForCausalLM(config)
@@ -159,7 +164,7 @@ def run(args) -> int:
     if rank != 0:
         return 0
     results = {"norm": args.norm, "attn_type": args.attn_type, "sla_conv_kernel": args.sla_conv_kernel,
-               "sla_position": args.sla_position, "bn_stats": args.bn_stats, "bn_init": args.bn_init, "steps": summary["step"],
+               "sla_position": args.sla_position, "bn_stats": args.bn_stats, "bn_causal_prior": args.bn_causal_prior, "bn_init": args.bn_init, "steps": summary["step"],
                "bad_steps": summary["bad_steps"], "final_train_loss": summary["history"][-1]["loss"],
                "train_tokens_per_s": summary["train_tokens_per_s"], "world_size": world,
                "history": summary["history"], "eval": summary["eval"]}

@@ -36,6 +36,10 @@ class SlabLlamaConfig(LlamaConfig):
         well (the authors' language-model initialisation): the BN branch starts as the zero map and is
         learned while ``lam`` decays.
     bn_stats (`str`, defaults to "batch"): one of ``BN_STATS``.
+    bn_causal_prior (`float`, defaults to 256.0): with ``bn_stats='causal'``, the prefix statistics of position
+        ``t`` are shrunk towards the running statistics as if these were that many extra tokens (the first
+        positions have only a few tokens per batch, and their noisy statistics are far from the running ones
+        used in eval; 0: the plain prefix statistics). Past batches only: no future token leaks in.
     first_token_affine (`bool`): each sequence's first token (the attention sink, whose residual stream is far
         larger than the others' in pretrained LLaMAs) stays out of the BN statistics and gets its own
         per-channel affine in every RepBN; after folding, a :class:`slab.lm.norm.FirstTokenAffine` on that token.
@@ -57,6 +61,7 @@ class SlabLlamaConfig(LlamaConfig):
     bn_momentum: float = 0.1
     repbn_alpha_init: float = 0.0
     bn_stats: str = "batch"
+    bn_causal_prior: float = 256.0
     first_token_affine: bool = False
     folded_bias: bool = False
     attn_type: str = "softmax"
@@ -69,6 +74,8 @@ class SlabLlamaConfig(LlamaConfig):
             raise ValueError(f"SlabLlamaConfig.norm must be one of {LM_NORMS}, got {self.norm!r}")
         if self.bn_stats not in BN_STATS:
             raise ValueError(f"SlabLlamaConfig.bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
+        if not self.bn_causal_prior >= 0.0:
+            raise ValueError(f"SlabLlamaConfig.bn_causal_prior must be >= 0 (a token count), got {self.bn_causal_prior}")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ValueError(f"SlabLlamaConfig.bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if self.bn_eps <= 0:

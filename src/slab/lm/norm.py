@@ -24,18 +24,22 @@ class CausalRepBN(RepBN):
 
     ``stats='batch'``: all real tokens of the batch (the authors'). ``'causal'``: the output at position
     ``t`` uses the mean/variance of the real tokens at positions ``<= t`` of every row (prefix statistics,
-    shifted by the running mean for accuracy); positions with fewer than two such tokens use the running
-    statistics. ``'running'``: the running statistics, as in eval (the statistics are updated from the
+    shifted by the running mean for accuracy), shrunk towards the running statistics with the weight of
+    ``causal_prior`` tokens; with ``causal_prior=0``, positions with fewer than two such tokens use the
+    running statistics. ``'running'``: the running statistics, as in eval (the statistics are updated from the
     batch afterwards, without gradient). Running statistics are updated from all real tokens in every mode.
     ``mask`` (``[B, T]`` bool, True = real token) excludes padding from the statistics.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, alpha_init: float = 0.0,
-                 stats: str = "batch", first_token_affine: bool = False):
+                 stats: str = "batch", first_token_affine: bool = False, causal_prior: float = 0.0):
         super().__init__(dim, eps=eps, momentum=momentum, layout="tokens", alpha_init=alpha_init)
         if stats not in BN_STATS:
             raise ValueError(f"stats must be one of {BN_STATS}, got {stats!r}")
+        if not causal_prior >= 0.0:
+            raise ValueError(f"causal_prior is a token count >= 0, got {causal_prior}")
         self.stats = stats
+        self.causal_prior = float(causal_prior)
         # The first token of a sequence attends only to itself and becomes the attention sink: pretrained
         # LLaMAs give it a residual stream ~100x larger than the others', which no per-channel map shared
         # with the other tokens can normalise. It gets its own per-channel affine (and stays out of the BN
@@ -77,20 +81,26 @@ class CausalRepBN(RepBN):
         if self.stats == "running":
             mean, var = run_mean.to(x.dtype), run_var.to(x.dtype)
         else:
-            mean, var = self._prefix_statistics(x, m, run_mean, run_var)
+            mean, var = self._prefix_statistics(x, m, run_mean, run_var, self.causal_prior)
         self._update_running(x, m)
         y = (x - mean) * torch.rsqrt(var + bn.eps)
         return y * bn.weight + bn.bias
 
     @staticmethod
-    def _prefix_statistics(x: torch.Tensor, m: torch.Tensor, run_mean: torch.Tensor, run_var: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position ``[T, C]`` mean and biased variance of the real tokens at positions ``<= t``."""
+    def _prefix_statistics(x: torch.Tensor, m: torch.Tensor, run_mean: torch.Tensor, run_var: torch.Tensor,
+                           prior: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position ``[T, C]`` mean and biased variance of the real tokens at positions ``<= t``, plus
+        ``prior`` pseudo-tokens distributed as the running statistics (mean ``run_mean``, variance ``run_var``)."""
         w = m.to(torch.float32).unsqueeze(-1)                            # [B, T, 1]
         xc = (x.float() - run_mean.float()) * w                           # centred: less cancellation
         count = w.sum(0).cumsum(0)                                        # [T, 1]
         s1 = xc.sum(0).cumsum(0)
         s2 = (xc * xc).sum(0).cumsum(0)
+        if prior > 0:  # the pseudo-tokens add 0 to s1 (centred on the running mean) and prior * run_var to s2
+            n = count + prior
+            mean_c = s1 / n
+            var = ((s2 + prior * run_var.float()) / n - mean_c * mean_c).clamp(min=0.0)
+            return (mean_c + run_mean.float()).to(x.dtype), var.to(x.dtype)
         n = count.clamp(min=1.0)
         mean_c = s1 / n
         var = (s2 / n - mean_c * mean_c).clamp(min=0.0)
@@ -172,7 +182,8 @@ def make_norm(config: SlabLlamaConfig) -> nn.Module:
             return FirstTokenAffine(torch.ones(dim), torch.zeros(dim))
         return nn.Identity()
     repbn = CausalRepBN(dim, eps=config.bn_eps, momentum=config.bn_momentum, alpha_init=config.repbn_alpha_init,
-                        stats=config.bn_stats, first_token_affine=config.first_token_affine)
+                        stats=config.bn_stats, first_token_affine=config.first_token_affine,
+                        causal_prior=config.bn_causal_prior)
     if config.norm == "repbn":
         return repbn
     prepbn = PRepBN(dim, ln_eps=config.rms_norm_eps, bn_eps=config.bn_eps, alpha_init=config.repbn_alpha_init,
