@@ -3,7 +3,8 @@
 Every registered model, shrunk to a tiny configuration of its own architecture (same family, norm and
 attention form; fewer and narrower blocks, small images) so the whole file stays fast: forward,
 backward with a gradient for every parameter in each PRepBN phase, FX tracing with timm's notrace
-lists, intermediates and pruning, gradient checkpointing, construction on the meta device, fusion.
+lists, TorchScript (the model, its FX graph and its fused form), intermediates and pruning, gradient
+checkpointing, construction on the meta device, fusion.
 """
 import copy
 
@@ -117,3 +118,23 @@ def test_fusion_keeps_outputs_and_features(name):
     with torch.no_grad():
         assert_close("logits", model(x), fused(x), 1e-5)
         assert_close("forward_features", model.forward_features(x), fused.forward_features(x), 1e-5)
+
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torchscript_matches_eager(name):
+    # timm's suite scripts every model (test_model_forward_torchscript) and the FX graph of every model
+    # (test_model_forward_fx_torchscript); scripted code takes the plain-op paths (no autograd Functions,
+    # no Triton), which must compute what eager mode does. Every registered model is foldable: the fused
+    # form scripts too.
+    with timm.set_scriptable(True):
+        model, x = _tiny(name)
+    randomize_bn_stats(model).eval()
+    _, nodes = get_graph_node_names(model, tracer_kwargs=_tracer_kwargs())
+    fx = create_feature_extractor(model, return_nodes=[nodes[-1]], tracer_kwargs=_tracer_kwargs())
+    fused = slab.fuse(model)
+    with torch.no_grad():
+        ref = model(x)
+        assert_close("scripted", ref, torch.jit.script(model)(x), 1e-5)
+        assert_close("scripted fx", ref, next(iter(torch.jit.script(fx)(x).values())), 1e-5)
+        assert_close("scripted fused", fused(x), torch.jit.script(fused)(x), 1e-5)

@@ -62,9 +62,10 @@ def _rescale_layer(channels: int, factor: float) -> tuple[nn.Module, int]:
 class SimpleFeaturePyramid(nn.Module):
     """Four NCHW maps at :data:`FEATURE_STRIDES` from a single-scale vision transformer.
 
-    ``vit`` must provide ``forward_features(x) -> [B, prefix + H/p * W/p, C]``, ``patch_size``,
-    ``embed_dim`` and ``num_prefix_tokens`` (as :class:`slab.models.deit.SlabVisionTransformer`). The
-    prefix (class) token is dropped and the patch tokens laid on their ``H/p x W/p`` grid.
+    ``vit`` must provide ``forward_features(x) -> [B, prefix + H/p * W/p, C]`` (or, without prefix tokens,
+    the ``[B, H/p, W/p, C]`` map), ``patch_size``, ``embed_dim`` and ``num_prefix_tokens`` (as
+    :class:`slab.models.deit.SlabVisionTransformer`). The prefix (class) token is dropped and the patch
+    tokens laid on their ``H/p x W/p`` grid.
     """
 
     def __init__(self, vit: nn.Module, strides: tuple[int, ...] = FEATURE_STRIDES):
@@ -96,7 +97,9 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         b, _, h, w = x.shape
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        feats = self.vit.forward_features(x)
+        # An NHWC map (a ViT without prefix tokens) flattens back to its tokens (a view).
+        tokens = feats.flatten(1, 2) if feats.dim() == 4 else feats[:, self.vit.num_prefix_tokens:]
         gh, gw = h // self.patch_size, w // self.patch_size
         if tokens.shape[1] != gh * gw:
             raise ValueError(f"{type(self.vit).__name__}.forward_features returned {tokens.shape[1]} patch tokens "

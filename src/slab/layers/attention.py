@@ -17,7 +17,7 @@ from ..ops.linear_attention import linear_attention
 from ..ops.naive import linear_attention_reference
 
 __all__ = ["SoftmaxAttention", "SimplifiedLinearAttention", "resize_positional_encoding", "dwc_on_values",
-           "split_heads", "merge_heads", "check_grid"]
+           "split_heads", "merge_heads", "check_grid", "values_to_grid", "grid_to_values"]
 
 # A custom autograd Function with shape checks: FX records it as one call, run on real tensors.
 register_notrace_function(linear_attention)
@@ -46,20 +46,33 @@ def check_grid(n: int, hw: tuple[int, int]) -> None:
 @register_notrace_function  # compares grids known only at run time
 def resize_positional_encoding(pe: torch.Tensor, src_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
     """``[1, Hs*Ws, C]`` encoding laid on ``src_hw`` -> ``[1, H*W, C]`` by bilinear interpolation."""
-    if tuple(src_hw) == tuple(hw):
+    if src_hw[0] == hw[0] and src_hw[1] == hw[1]:
         return pe
     c = pe.shape[-1]
     grid = pe.reshape(1, src_hw[0], src_hw[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=hw, mode="bilinear", align_corners=False).to(pe.dtype)
+    grid = F.interpolate(grid.float(), size=[hw[0], hw[1]], mode="bilinear", align_corners=False).to(pe.dtype)
     return grid.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], c)
 
 
-def dwc_on_values(v: torch.Tensor, hw: tuple[int, int], dwc: nn.Conv2d) -> torch.Tensor:
-    """Depthwise conv of each head's values over the grid: ``[B, h, N, d] -> [B, h, N, d]``."""
+def values_to_grid(v: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Each head's values as a map: ``[B, h, N, d] -> [B * h, d, H, W]``."""
     b, h, n, d = v.shape
-    grid = v.reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
-    out = dwc(grid)
-    return out.permute(0, 2, 3, 1).reshape(b, h, n, d)
+    return v.reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
+
+
+def grid_to_values(grid: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`values_to_grid`: ``[B * h, d, H, W] -> [B, h, N, d]``."""
+    bh, d, gh, gw = grid.shape
+    return grid.permute(0, 2, 3, 1).reshape(bh // num_heads, num_heads, gh * gw, d)
+
+
+def dwc_on_values(v: torch.Tensor, hw: tuple[int, int], dwc: nn.Conv2d) -> torch.Tensor:
+    """Depthwise conv of each head's values over the grid: ``[B, h, N, d] -> [B, h, N, d]``.
+
+    TorchScript cannot pass a module to a function: scripted modules call ``dwc`` between
+    :func:`values_to_grid` and :func:`grid_to_values` themselves.
+    """
+    return grid_to_values(dwc(values_to_grid(v, hw)), v.shape[1])
 
 
 class SoftmaxAttention(nn.Module):
@@ -78,7 +91,7 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(merge_heads(out)))
 
@@ -113,14 +126,15 @@ class SimplifiedLinearAttention(nn.Module):
         nn.init.trunc_normal_(self.positional_encoding, std=0.02)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        op = linear_attention if self.impl == "fast" else linear_attention_reference
-        return op(q, k, v)
+        if self.impl == "fast":
+            return linear_attention(q, k, v)
+        return linear_attention_reference(q, k, v)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         if not torch.jit.is_scripting():
             check_grid(x.shape[1], hw)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         k = k + resize_positional_encoding(self.positional_encoding, self.grid_size, hw)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
-        out = self.attend(q, k, v) + dwc_on_values(v, hw, self.dwc)
+        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+        out = self.attend(q, k, v) + grid_to_values(self.dwc(values_to_grid(v, hw)), self.num_heads)
         return self.proj_drop(self.proj(merge_heads(out)))

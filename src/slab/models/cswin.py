@@ -17,8 +17,6 @@ Any input size: the feature map of a striped stage is padded (after ``norm1``) t
 and cropped back; whole-map stages need no padding; positional encodings are resized. Tokens are kept
 channels-last (``[B, H, W, C]``) through the network.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -29,7 +27,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import dwc_on_values, merge_heads, resize_positional_encoding, split_heads
+from ..layers.attention import grid_to_values, merge_heads, resize_positional_encoding, split_heads, values_to_grid
 from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
@@ -56,11 +54,11 @@ def _from_stripes(x: torch.Tensor, hs: int, ws: int, h: int, w: int) -> torch.Te
     return x.reshape(-1, h, w, c)
 
 
-def _stripe_conv(x: torch.Tensor, hs: int, ws: int, conv: nn.Conv2d) -> torch.Tensor:
-    """A conv over each stripe's own grid (zero padded at the stripe's border): ``[B', N, C] -> [B', N, C]``."""
+def _stripe_grid(x: torch.Tensor, hs: int, ws: int) -> torch.Tensor:
+    """Each stripe's tokens as its own map, for a conv zero padded at the stripe's border:
+    ``[B', N, C] -> [B', C, hs, ws]`` (the conv's output goes back with ``flatten(2).transpose(1, 2)``)."""
     bp, n, c = x.shape
-    grid = x.transpose(1, 2).reshape(bp, c, hs, ws)
-    return conv(grid).flatten(2).transpose(1, 2)
+    return x.transpose(1, 2).reshape(bp, c, hs, ws)
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -118,9 +116,9 @@ class StripeSoftmaxAttention(_StripeBranch):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         h, w = q.shape[1:3]
         hs, ws = self.stripe_shape(h, w)
-        q, k, v = (_to_stripes(t, hs, ws) for t in (q, k, v))
-        lepe = _stripe_conv(v, hs, ws, self.get_v)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
+        q, k, v = _to_stripes(q, hs, ws), _to_stripes(k, hs, ws), _to_stripes(v, hs, ws)
+        lepe = self.get_v(_stripe_grid(v, hs, ws)).flatten(2).transpose(1, 2)
+        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return _from_stripes(merge_heads(out) + lepe, hs, ws, h, w)
 
@@ -152,11 +150,12 @@ class StripeLinearAttention(_StripeBranch):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         h, w = q.shape[1:3]
         hs, ws = self.stripe_shape(h, w)
-        q, k, v = (_to_stripes(t, hs, ws) for t in (q, k, v))
+        q, k, v = _to_stripes(q, hs, ws), _to_stripes(k, hs, ws), _to_stripes(v, hs, ws)
         k = k + resize_positional_encoding(self.positional_encoding, self.pe_hw, (hs, ws))
-        lepe = _stripe_conv(v, hs, ws, self.get_v)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
-        out = linear_attention(q, k, v) + dwc_on_values(v, (hs, ws), self.dwc)
+        lepe = self.get_v(_stripe_grid(v, hs, ws)).flatten(2).transpose(1, 2)
+        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+        dwc = grid_to_values(self.dwc(values_to_grid(v, (hs, ws))), self.num_heads)
+        out = linear_attention(q, k, v) + dwc
         return _from_stripes(merge_heads(out) + lepe, hs, ws, h, w)
 
 
@@ -224,12 +223,13 @@ class CSwinBlock(nn.Module):
         if self.split_size is not None:
             x = pad_to_stripes(x, self.split_size, self.pad_value)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        if len(self.attns) == 1:
-            out = self.attns[0](q, k, v)
-        else:
-            half = self.dim // 2
-            out = torch.cat([self.attns[0](q[..., :half], k[..., :half], v[..., :half]),
-                             self.attns[1](q[..., half:], k[..., half:], v[..., half:])], dim=-1)
+        # Each branch reads its own contiguous share of the channels (all of them for a single branch).
+        width = self.dim // len(self.attns)
+        outs: list[torch.Tensor] = []
+        for i, attn in enumerate(self.attns):
+            lo, hi = i * width, (i + 1) * width
+            outs.append(attn(q[..., lo:hi], k[..., lo:hi], v[..., lo:hi]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out[:, :h, :w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,9 +430,28 @@ class CSwinTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` images -> ``[B, h, w, C']`` normalised last-stage tokens."""
         x = self._embed(x)
+        if torch.jit.is_scripting():
+            return self.norm(self._scripted_stages(x))
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return self.norm(x)
+
+    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The four stages under TorchScript, which reads attributes by literal names only: they keep the
+        authors' names (``stageI``, ``mergeI``, the checkpoint keys), so they are written out. Pruned stages
+        are empty lists after an Identity merge."""
+        for blk in self.stage1:
+            x = blk(x)
+        x = self.merge1(x)
+        for blk in self.stage2:
+            x = blk(x)
+        x = self.merge2(x)
+        for blk in self.stage3:
+            x = blk(x)
+        x = self.merge3(x)
+        for blk in self.stage4:
+            x = blk(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":

@@ -10,8 +10,6 @@ Forms, all from one class through ``norm=`` and ``attn=``:
 * ``slab_deit_*``: SLA in every block, no class token, average pooling (the authors' SLAB-DeiT);
 * any of them with ``norm='ln'`` is the LayerNorm baseline, ``norm='none'`` the norm-free bound.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
@@ -67,7 +65,9 @@ class SlabVisionTransformer(nn.Module):
         img_size: the training resolution (positional embeddings are made for it and resized for others).
         patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: as in timm.
         norm: norm of every block and of the final norm. attn: ``'softmax'`` or ``'sla'``.
-        class_token: prepend a class token (DeiT); False for SLAB-DeiT.
+        class_token: prepend a class token (DeiT); False for SLAB-DeiT. Without a class token the tokens are
+            exactly the patch grid, and ``forward_features`` gives them as a ``[B, H, W, C]`` map
+            (``output_fmt`` ``'NHWC'``, as timm's Swin); with one, the ``[B, 1 + H * W, C]`` tokens (``'NLC'``).
         global_pool: ``'token'`` (class token) or ``'avg'`` (mean of the patch tokens).
         ln_eps: LayerNorm eps (1e-6 in DeiT).
         sla_kernel_size: DWC kernel of SLA.
@@ -103,6 +103,7 @@ class SlabVisionTransformer(nn.Module):
         self.norm_kind, self.attn_kind = norm, attn
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_prefix_tokens = 1 if class_token else 0
+        self.output_fmt = "NLC" if class_token else "NHWC"
         norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
 
         self.patch_embed = nn.Module()
@@ -156,7 +157,8 @@ class SlabVisionTransformer(nn.Module):
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = position_embedding_for_grid(self.pos_embed, grid, self.grid_size, self.num_prefix_tokens)
-        if self.num_prefix_tokens:
+        # The None test first: TorchScript then compiles no class token for models without one.
+        if self.cls_token is not None and self.num_prefix_tokens > 0:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos)
 
@@ -167,11 +169,6 @@ class SlabVisionTransformer(nn.Module):
         x = self.patch_embed.proj(x)
         grid = (x.shape[2], x.shape[3])
         return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid
-
-    def _block(self, blk: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
-        return blk(x, grid)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -190,7 +187,10 @@ class SlabVisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             if i > last:
                 break
-            x = self._block(blk, x, grid)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
             if i in take:
                 y = self.norm(x) if norm else x
                 if output_fmt == "NCHW":
@@ -199,7 +199,7 @@ class SlabVisionTransformer(nn.Module):
                 intermediates.append(y)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self._features_out(self.norm(x), grid), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -215,15 +215,26 @@ class SlabVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, grid = self._embed(x)
+        # TorchScript cannot hand a block to a helper: the checkpointing choice is written out here.
         for blk in self.blocks:
-            x = self._block(blk, x, grid)
-        return self.norm(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
+        return self._features_out(self.norm(x), grid)
+
+    def _features_out(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Final tokens in :attr:`output_fmt`: the ``[B, H, W, C]`` map of a model without prefix tokens."""
+        if self.output_fmt == "NHWC":
+            return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
             x = x[:, 0]
         elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+            # The mean of the patch tokens; an NHWC map is flattened back to them (a view: the same sum).
+            x = x.flatten(1, 2).mean(dim=1) if self.output_fmt == "NHWC" else x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -242,7 +253,7 @@ class SlabVisionTransformer(nn.Module):
 def position_embedding_for_grid(pos_embed: torch.Tensor, grid: tuple[int, int], built_grid: tuple[int, int],
                         num_prefix_tokens: int) -> torch.Tensor:
     """``pos_embed`` made for ``built_grid``, resampled for ``grid`` when they differ."""
-    if tuple(grid) == tuple(built_grid):
+    if grid[0] == built_grid[0] and grid[1] == built_grid[1]:
         return pos_embed
     return resample_abs_pos_embed(pos_embed, list(grid), list(built_grid), num_prefix_tokens=num_prefix_tokens)
 
@@ -269,13 +280,15 @@ def _cfg(file: str | None = None, **kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    "slab_deit_tiny_patch16_224.authors_in1k": _cfg("slab_deit_tiny.pth"),
-    "slab_deit_small_patch16_224.authors_in1k": _cfg("slab_deit_small.pth"),
+    # pool_size: the grid of the [B, H, W, C] features of the models without a class token.
+    "slab_deit_tiny_patch16_224.authors_in1k": _cfg("slab_deit_tiny.pth", pool_size=(14, 14)),
+    "slab_deit_small_patch16_224.authors_in1k": _cfg("slab_deit_small.pth", pool_size=(14, 14)),
     "deit_tiny_prepbn_patch16_224.authors_in1k": _cfg(None),
     "deit_small_prepbn_patch16_224.authors_in1k": _cfg("deit_small_prepbn.pth"),
     "deit_tiny_repbn_patch16_224.authors_in1k": _cfg("deit_tiny_prepbn.pth"),
     "deit_small_repbn_patch16_224": _cfg(None),
-    "slab_deit_nano_patch4_28.fashion_mnist": _cfg(None, num_classes=10, input_size=(1, 28, 28), crop_pct=1.0,
+    "slab_deit_nano_patch4_28.fashion_mnist": _cfg(None, num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7),
+                                                    crop_pct=1.0,
                                                     mean=(0.2860,), std=(0.3530,)),
 })
 

@@ -23,8 +23,6 @@ linearly interpolated back to N tokens when K/V were reduced), then ``proj``.
 Any input whose sides are multiples of :attr:`PyramidVisionTransformer.input_multiple` (32 for the
 standard configurations) works; positional embeddings are resized bilinearly.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -35,7 +33,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import check_grid, dwc_on_values, merge_heads, resize_positional_encoding, split_heads
+from ..layers.attention import (check_grid, grid_to_values, merge_heads, resize_positional_encoding, split_heads,
+                                values_to_grid)
 from ..layers.norm import get_norm_layer
 from ..ops.linear_attention import linear_attention
 from ..reparam.fold import fold_into_consumers, fold_into_producer
@@ -96,7 +95,7 @@ class _SpatialReduction(nn.Module):
 
     def reduce(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Tokens that keys and values are computed from, and their grid: ``[B, N, C] -> [B, N_kv, C]``."""
-        if self.sr_ratio == 1:
+        if not hasattr(self, "sr"):  # sr_ratio 1 (TorchScript compiles the rest only where sr exists)
             return x, hw
         b, n, c = x.shape
         grid = self.sr(x.transpose(1, 2).reshape(b, c, hw[0], hw[1]))
@@ -164,9 +163,9 @@ class SpatialReductionLinearAttention(_SpatialReduction):
         src, kv_hw = self.reduce(x, hw)
         k, v = self.kv(src).chunk(2, dim=-1)
         k = k + resize_positional_encoding(self.positional_encoding, self.kv_grid_size, kv_hw)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
+        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
         out = linear_attention(q, k, v)
-        out = out + dwc_on_values(values_on_tokens(v, n), hw, self.dwc)
+        out = out + grid_to_values(self.dwc(values_to_grid(values_on_tokens(v, n), hw)), self.num_heads)
         return self.proj_drop(self.proj(merge_heads(out)))
 
 
@@ -178,6 +177,11 @@ def values_on_tokens(v: torch.Tensor, n: int) -> torch.Tensor:
     b, h, m, d = v.shape
     v = F.interpolate(v.transpose(-2, -1).reshape(b * h, d, m), size=n, mode="linear")
     return v.reshape(b, h, d, n).transpose(-2, -1)
+
+
+def tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """``[B, N, C]`` tokens of an ``hw`` grid -> ``[B, C, H, W]``."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
 
 ATTN_LAYERS = {"softmax": SpatialReductionAttention, "sla": SpatialReductionLinearAttention}
@@ -365,9 +369,9 @@ class PyramidVisionTransformer(nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based): ``[B, C_in, H, W] -> [B, C_i, H / s_i, W / s_i]``."""
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
-        pos = resize_positional_encoding(getattr(self, f"pos_embed{i + 1}"), self.grid_sizes[i], hw)
-        x = self._blocks(getattr(self, f"block{i + 1}"), self.pos_drop(x + pos), hw)
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
+        x = self._embedded(x, getattr(self, f"pos_embed{i + 1}"), i, hw)
+        x = self._blocks(getattr(self, f"block{i + 1}"), x, hw)
+        return tokens_to_map(x, hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -400,9 +404,50 @@ class PyramidVisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
+        if torch.jit.is_scripting():
+            return self._scripted_stages(x)
         check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
         for i in range(self.num_stages):
             x = self._stage(i, x)
+        return x
+
+    def _embedded(self, x: torch.Tensor, pos_embed: torch.Tensor, i: int, hw: tuple[int, int]) -> torch.Tensor:
+        """Stage ``i``'s patch tokens plus its position embedding (resized to ``hw``)."""
+        return self.pos_drop(x + resize_positional_encoding(pos_embed, self.grid_sizes[i], hw))
+
+    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_features` under TorchScript, which reads attributes by literal names only.
+
+        The stages keep the authors' attribute names (``patch_embedI``, ``pos_embedI``, ``blockI``, the
+        checkpoint keys), so the four of the standard configurations are written out; ``hasattr`` skips
+        those :meth:`prune_intermediate_layers` removed.
+        """
+        if hasattr(self, "block5"):
+            raise RuntimeError("TorchScript supports PyramidVisionTransformer with at most 4 stages")
+        if hasattr(self, "block1"):
+            x, hw = self.patch_embed1(x)
+            x = self._embedded(x, self.pos_embed1, 0, hw)
+            for blk in self.block1:
+                x = blk(x, hw)
+            x = tokens_to_map(x, hw)
+        if hasattr(self, "block2"):
+            x, hw = self.patch_embed2(x)
+            x = self._embedded(x, self.pos_embed2, 1, hw)
+            for blk in self.block2:
+                x = blk(x, hw)
+            x = tokens_to_map(x, hw)
+        if hasattr(self, "block3"):
+            x, hw = self.patch_embed3(x)
+            x = self._embedded(x, self.pos_embed3, 2, hw)
+            for blk in self.block3:
+                x = blk(x, hw)
+            x = tokens_to_map(x, hw)
+        if hasattr(self, "block4"):
+            x, hw = self.patch_embed4(x)
+            x = self._embedded(x, self.pos_embed4, 3, hw)
+            for blk in self.block4:
+                x = blk(x, hw)
+            x = tokens_to_map(x, hw)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

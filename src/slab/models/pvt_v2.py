@@ -13,8 +13,6 @@ attention or SLA as in PVT v1, chosen per stage by ``attn_type``.
 Forms: ``pvt_v2_b*_prepbn`` (softmax attention, PRepBN norms) and ``slab_pvt_v2_b*`` (SLA in every
 stage without K/V reduction, PRepBN); ``norm='ln'`` gives the LayerNorm baseline.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
@@ -25,7 +23,8 @@ from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_producer
 from ._authors import authors_cfg, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
-from .pvt import Block, authors_args, parse_attn_type, parse_ratios, resize_checkpoint_encodings, stage_input_multiple
+from .pvt import (Block, authors_args, parse_attn_type, parse_ratios, resize_checkpoint_encodings, stage_input_multiple,
+                  tokens_to_map)
 
 __all__ = ["PyramidVisionTransformerV2", "checkpoint_filter_fn"]
 
@@ -178,8 +177,7 @@ class PyramidVisionTransformerV2(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
             else:
                 x = blk(x, hw)
-        x = getattr(self, f"norm{i + 1}")(x)
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
+        return tokens_to_map(getattr(self, f"norm{i + 1}")(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -212,9 +210,42 @@ class PyramidVisionTransformerV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
+        if torch.jit.is_scripting():
+            return self._scripted_stages(x)
         check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
         for i in range(self.num_stages):
             x = self._stage(i, x)
+        return x
+
+    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_features` under TorchScript, which reads attributes by literal names only.
+
+        The stages keep the authors' attribute names (``patch_embedI``, ``blockI``, ``normI``, the checkpoint
+        keys), so the four of the standard configurations are written out; ``hasattr`` skips those
+        :meth:`prune_intermediate_layers` removed.
+        """
+        if hasattr(self, "block5"):
+            raise RuntimeError("TorchScript supports PyramidVisionTransformerV2 with at most 4 stages")
+        if hasattr(self, "block1"):
+            x, hw = self.patch_embed1(x)
+            for blk in self.block1:
+                x = blk(x, hw)
+            x = tokens_to_map(self.norm1(x), hw)
+        if hasattr(self, "block2"):
+            x, hw = self.patch_embed2(x)
+            for blk in self.block2:
+                x = blk(x, hw)
+            x = tokens_to_map(self.norm2(x), hw)
+        if hasattr(self, "block3"):
+            x, hw = self.patch_embed3(x)
+            for blk in self.block3:
+                x = blk(x, hw)
+            x = tokens_to_map(self.norm3(x), hw)
+        if hasattr(self, "block4"):
+            x, hw = self.patch_embed4(x)
+            for blk in self.block4:
+                x = blk(x, hw)
+            x = tokens_to_map(self.norm4(x), hw)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

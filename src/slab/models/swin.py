@@ -32,8 +32,6 @@ folded norm mapped to 0, :func:`slab.reparam.fold.zero_preimage`) instead of 0, 
 the same ``qkv`` output as before. norm2 folds into ``fc1``, patch-merging norms into ``reduction``
 (which gains a bias), the patch-embedding norm into its conv, the final norm into ``head``.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,7 +50,6 @@ __all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging"
            "parse_attn_type"]
 
 ATTN_LETTERS = {"S": "softmax", "L": "sla"}
-_MASK_VALUE = -100.0  # Swin's value for cross-region pairs of shifted windows
 
 
 def parse_attn_type(attn_type: str, num_stages: int) -> list[str]:
@@ -102,10 +99,10 @@ def pad_hw(x: torch.Tensor, pad_h: int, pad_w: int, value: torch.Tensor | None =
     return x
 
 
-def relative_position_index(window: tuple[int, int], device=None) -> torch.Tensor:
+def relative_position_index(window: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """``[N, N]`` index into a ``(2wh-1)(2ww-1)`` table of relative offsets between the window's tokens."""
     wh, ww = window
-    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+    coords = torch.stack(torch.meshgrid([torch.arange(wh, device=device), torch.arange(ww, device=device)],
                                         indexing="ij")).flatten(1)  # [2, N]
     rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
@@ -117,38 +114,42 @@ def resize_bias_table(table: torch.Tensor, src_window: tuple[int, int], window: 
     A smaller window takes the centre of the table (exact: the same offsets); a larger one a bicubic
     resize of the whole table.
     """
-    if tuple(src_window) == tuple(window):
+    if src_window[0] == window[0] and src_window[1] == window[1]:
         return table
-    (sh, sw), (wh, ww) = src_window, window
+    sh, sw = src_window
+    wh, ww = window
     heads = table.shape[-1]
     grid = table.t().reshape(heads, 2 * sh - 1, 2 * sw - 1)
     if wh <= sh and ww <= sw:
         grid = grid[:, sh - wh:sh + wh - 1, sw - ww:sw + ww - 1]
     else:
-        grid = F.interpolate(grid[None].float(), size=(2 * wh - 1, 2 * ww - 1), mode="bicubic",
+        grid = F.interpolate(grid[None].float(), size=[2 * wh - 1, 2 * ww - 1], mode="bicubic",
                              align_corners=False)[0].to(table.dtype)
     return grid.reshape(heads, -1).t()
 
 
+def _shift_regions(size: int, window: int, shift: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the regions a shift by ``shift`` makes along one axis (one region without shift)."""
+    if shift == 0:
+        return [(0, size)]
+    return [(0, size - window), (size - window, size - shift), (size - shift, size)]
+
+
 def shifted_window_mask(hw: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
-                        device=None) -> torch.Tensor | None:
+                        device: torch.device | None = None) -> torch.Tensor | None:
     """``[nW, N, N]`` additive mask (0 or -100) keeping shifted windows from mixing regions; None without shift."""
-    if not any(shift):
+    if shift[0] == 0 and shift[1] == 0:
         return None
     h, w = hw
     label = torch.zeros(1, h, w, 1, device=device)
     cnt = 0
-
-    def bounds(size, win, sh):
-        return ((0, size - win), (size - win, size - sh), (size - sh, size)) if sh else ((0, size),)
-
-    for h0, h1 in bounds(h, window[0], shift[0]):
-        for w0, w1 in bounds(w, window[1], shift[1]):
+    for h0, h1 in _shift_regions(h, window[0], shift[0]):
+        for w0, w1 in _shift_regions(w, window[1], shift[1]):
             label[:, h0:h1, w0:w1, :] = cnt
             cnt += 1
     regions = window_partition(label, window).squeeze(-1)  # [nW, N]
     mask = regions[:, None, :] - regions[:, :, None]
-    return mask.masked_fill(mask != 0, _MASK_VALUE)
+    return mask.masked_fill(mask != 0, -100.0)  # Swin's value (a literal: TorchScript reads no float globals)
 
 
 class WindowAttention(nn.Module):
@@ -177,7 +178,7 @@ class WindowAttention(nn.Module):
     def position_bias(self, window: tuple[int, int]) -> torch.Tensor:
         """``[heads, N, N]`` bias for a ``window`` of tokens."""
         n = window[0] * window[1]
-        if tuple(window) == self.window:
+        if window[0] == self.window[0] and window[1] == self.window[1]:
             table, index = self.relative_position_bias_table, self.relative_position_index
         else:
             table = resize_bias_table(self.relative_position_bias_table, self.window, window)
@@ -214,6 +215,8 @@ class SwinBlock(nn.Module):
             positional encoding (as the authors' checkpoints store them).
         attn: ``'softmax'`` or ``'sla'``.
     """
+    # A constant for TorchScript: it compiles only the call of the attention this block has.
+    uses_sla: torch.jit.Final[bool]
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: bool, built_hw: tuple[int, int],
                  attn: str = "softmax", mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_layer=nn.LayerNorm,
@@ -225,6 +228,7 @@ class SwinBlock(nn.Module):
         self.window_size = int(window_size)
         self.shift = bool(shift) and attn == "softmax"
         self.attn_kind = attn
+        self.uses_sla = attn == "sla"
         built_window, _ = self.window_shift(built_hw)
         self.norm1 = norm_layer(dim)
         if attn == "sla":
@@ -247,12 +251,15 @@ class SwinBlock(nn.Module):
 
     def window_shift(self, hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """Window and shift used on an ``hw`` feature map (per axis: clipped window, no shift if it fits)."""
-        window = tuple(min(self.window_size, s) for s in hw)
-        shift = tuple(w // 2 if self.shift and s > w else 0 for s, w in zip(hw, window))
+        window = (min(self.window_size, hw[0]), min(self.window_size, hw[1]))
+        shift = (window[0] // 2 if self.shift and hw[0] > window[0] else 0,
+                 window[1] // 2 if self.shift and hw[1] > window[1] else 0)
         return window, shift
 
-    def _mask(self, hw: tuple[int, int], padded: tuple[int, int], window, shift, device) -> torch.Tensor | None:
-        if (tuple(hw), window, shift) == self._built:
+    def _mask(self, hw: tuple[int, int], padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+              device: torch.device) -> torch.Tensor | None:
+        built_hw, built_window, built_shift = self._built
+        if hw == built_hw and window == built_window and shift == built_shift:
             return self.attn_mask
         return shifted_window_mask(padded, window, shift, device=device)
 
@@ -260,16 +267,17 @@ class SwinBlock(nn.Module):
         b, h, w, c = x.shape
         window, shift = self.window_shift((h, w))
         x = pad_hw(x, (-h) % window[0], (-w) % window[1], self.pad_value)
-        hp, wp = x.shape[1:3]
-        if any(shift):
+        hp, wp = x.shape[1], x.shape[2]
+        shifted = shift[0] != 0 or shift[1] != 0
+        if shifted:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = window_partition(x, window)
-        if self.attn_kind == "sla":
+        if self.uses_sla:
             windows = self.attn(windows, window)
         else:
             windows = self.attn(windows, window, self._mask((h, w), (hp, wp), window, shift, x.device))
         x = window_reverse(windows, window, (hp, wp))
-        if any(shift):
+        if shifted:
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x[:, :h, :w, :]
 

@@ -234,6 +234,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
         ``[B, H, Nq, Dv]`` in ``q``'s dtype (state and normaliser in float32, or float64 for float64 input
         on the torch path). Differentiable in q, k and v.
     """
+    if torch.jit.is_scripting():
+        # TorchScript compiles only this branch: the plain-op torch path (no autograd Function, no Triton).
+        return _linear_attention_scripted(q, k, v, eps)
+    return _linear_attention_dispatch(q, k, v, eps, impl)
+
+
+def _linear_attention_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
+                               impl: str | None) -> torch.Tensor:
+    """Eager :func:`linear_attention`: checks the shapes, then the Triton kernels or the torch path."""
     _check(q, k, v)
     if _resolve_impl(impl, q, k, v) == "triton":
         try:
@@ -242,6 +251,19 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
             raise RuntimeError(f"linear_attention(impl='triton') needs an importable triton package: {e}") from e
         return kernels.linear_attention_triton(q, k, v, eps)
     return _linear_attention_torch(q, k, v, eps)
+
+
+def _linear_attention_scripted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch path in TorchScript: the same plain ops the tracer records (see :func:`_linear_attention_torch`),
+    computed in float32 (float64 for float64 input) and returned in ``q``'s dtype."""
+    out_dtype = q.dtype
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+    if kv_first(q.shape[2], k.shape[2], q.shape[3], v.shape[3]):
+        out = _composite(qf, kf, vf, float(eps))
+    else:
+        out = _qk_first(qf, kf, vf, float(eps))
+    return out.to(out_dtype)
 
 
 def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
