@@ -260,7 +260,7 @@ class Trainer:
                    f"lengthen the PRepBN transition")
         else:
             msg = self.task.nonfinite_message(step + 1, lam, lr, loss, self.last_checkpoint)
-        self._emit({"type": "error", "step": step + 1, "loss": loss, "lr": lr, "lam": lam, "message": msg})
+        self.emit({"type": "error", "step": step + 1, "loss": loss, "lr": lr, "lam": lam, "message": msg})
         raise NonFiniteLossError(msg, step + 1, lam, lr)
 
     def _finish(self, stopped: bool) -> dict:
@@ -425,8 +425,6 @@ class Trainer:
             self.log.write(record)
             if self.callback is not None:
                 self.callback(record)
-
-    _emit = emit
 
     def _log_step(self, record: dict) -> None:
         self.task.after_step(record)  # the task may add its fields (epoch, ...)

@@ -281,6 +281,12 @@ def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, outp
         raise ValueError("cfg.distill needs a teacher model")
     task = LMTask(model, train_ids, cfg, train_mask, eval_ids, eval_mask, teacher=teacher, log=log)
     mode = "auto" if resume is True else ("restart" if resume is False else resume)
+    legacy = os.path.join(os.fspath(output_dir), "checkpoint.pt")
+    if mode == "auto" and os.path.isfile(legacy) and not os.path.isdir(os.path.join(os.fspath(output_dir),
+                                                                                     "checkpoints")):
+        from ..errors import UserError
+        raise UserError(f"{legacy} is a checkpoint of the earlier single-file format, which this version does not "
+                        f"resume: finish that run with the slab that wrote it, or start over with --no-resume")
     args = TrainerArgs(output=os.fspath(output_dir), resume=mode, seed=cfg.seed, grad_accum=cfg.grad_accum,
                        amp=cfg.amp, clip_grad=cfg.grad_clip, nonfinite="skip", max_bad_steps=cfg.max_bad_steps,
                        eval_every=cfg.eval_every, save_every=cfg.save_every, keep_last=cfg.keep_last,
