@@ -288,7 +288,7 @@ def test_train_det_cli_end_to_end(scenes, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and 0.0 <= metrics["final"]["bbox"]["mAP"] <= 1.0
     assert "fused" in metrics and metrics["fused"]["segm"]["mAP"] >= 0.0
-    assert (out / "model.pth").is_file() and (out / "checkpoint.pth").is_file()
+    assert (out / "model.pth").is_file() and (out / "checkpoints" / "step_00000002.pt").is_file()
     from slab.detection.engine import load_detector
     model = load_detector(out / "model.pth")
     assert model.slab_config["backbone"] == name

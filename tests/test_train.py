@@ -11,7 +11,7 @@ from slab.data import FASHION_MNIST_DIR, INSTALL_HINT
 from slab.schedule import PRepBNSchedule
 from slab.train import (NonFiniteLossError, TrainConfig, evaluate, find_resume_checkpoint, load_checkpoint,
                         recalibrate_bn, train)
-from slab.train import loop as train_loop
+from slab.train import task as train_loop
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
                                 reason=f"Fashion-MNIST not installed ({INSTALL_HINT})")

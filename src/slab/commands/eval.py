@@ -71,7 +71,7 @@ def run(args) -> int:
     from slab.data import build_dataset
     from slab.errors import check_device
     from slab.train import evaluate
-    from slab.train.loop import _num_workers
+    from slab.train.task import _num_workers
     device = check_device(args.device)
     model, cfg = load_for_eval(args)
     model.to(device)

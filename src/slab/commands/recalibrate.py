@@ -32,7 +32,7 @@ def run(args) -> int:
     from slab.errors import check_device, check_output_file
     from slab.train import (atomic_save, build_model, evaluate, load_trained_model, recalibrate_bn,
                             recalibration_loader)
-    from slab.train.loop import _num_workers
+    from slab.train.task import _num_workers
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     out = args.output or os.path.splitext(args.checkpoint)[0] + "_recal.pt"

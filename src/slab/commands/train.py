@@ -51,6 +51,7 @@ _HELP = {
     "sync_bn": "SyncBatchNorm across processes (GPUs; for small per-device batches)",
     "device": "cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, else cpu)",
     "num_workers": "data loader workers (default 0 for Fashion-MNIST, 8 for folders)",
+    "threads": "torch CPU threads per process (0: torch's default)",
     "seed": "seed of initialisation, data order and augmentation",
     "output": "run folder: metrics.jsonl, config.yaml, checkpoints/",
     "resume": "'auto' (newest valid checkpoint of --output, if any) or a checkpoint file",

@@ -1,6 +1,8 @@
 """``slab train-det``: train and evaluate Mask R-CNN with a SLAB backbone on COCO-format data."""
 from __future__ import annotations
 
+import sys
+
 from ..errors import positive_int_arg
 
 
@@ -24,10 +26,11 @@ def register(sub) -> None:
     p.add_argument("--trainable-layers", type=int, help="0..5 backbone stages trained, from the top (5: all)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--num-workers", type=int, help="data loading processes")
-    p.add_argument("--output", help="output folder (checkpoint, model.pth, metrics.json, log.txt)")
+    p.add_argument("--output", help="output folder (metrics.jsonl, checkpoints/, model.pth, metrics.json, log.txt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, YAML value (e.g. --set min_size=[96,128] --set backbone_kwargs={depth:4})")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pth")
+    from ..engine.cli import add_run_arguments
+    add_run_arguments(p, skip=("max_steps", "output"))
     p.add_argument("--eval-only", metavar="MODEL_PTH", help="evaluate a saved detector on the val split")
     p.set_defaults(func=run)
 
@@ -43,5 +46,11 @@ def run(args) -> int:
         from ..detection.config import merge_config
         cfg = merge_config(cfg, {key: value}, f"--set {item}")
     from ..detection.engine import train_detector
-    train_detector(cfg, resume=args.resume, eval_only=args.eval_only)
+    from ..engine import NonFiniteLossError
+    try:
+        train_detector(cfg, resume=args.resume, eval_only=args.eval_only, save_every=args.save_every or 0,
+                       stop_at_step=args.stop_at_step, threads=args.threads)
+    except NonFiniteLossError as e:
+        print(f"slab train-det: {e}", file=sys.stderr)
+        return 3
     return 0

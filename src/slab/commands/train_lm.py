@@ -3,7 +3,8 @@
 Trains a byte-level BPE tokenizer on the training split, packs the text into blocks, trains with the
 PRepBN schedule driven by optimizer steps (single process, or DDP under ``torchrun``), then for BN
 models recalibrates the statistics, evaluates held-out perplexity, fuses and evaluates the fused model.
-Outputs in ``--output``: ``tokenizer/``, ``checkpoint.pt`` (resumable), ``model/`` and ``fused/``
+Outputs in ``--output``: ``tokenizer/``, ``metrics.jsonl`` (one line per optimizer step),
+``checkpoints/step_*.pt`` (resumable: the default ``--resume auto``), ``model/`` and ``fused/``
 (``save_pretrained``, safetensors), ``results.json``.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 def register(sub) -> None:
     p = sub.add_parser("train-lm", help="train a SLAB-LLaMA language model from scratch on local text",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("--output", default="outputs/lm", help="output directory (resumes from its checkpoint.pt)")
+    p.add_argument("--output", default="outputs/lm", help="output directory (metrics.jsonl, checkpoints/, model/, fused/; resumes from its checkpoints)")
     p.add_argument("--text", nargs="*", default=None,
                    help="text files or directories (default: /usr/share/games/fortunes, see `make lm-data`)")
     p.add_argument("--norm", default="prepbn", choices=["rmsnorm", "prepbn", "repbn"])
@@ -46,7 +47,7 @@ def register(sub) -> None:
                    help="pack: concatenated blocks, all tokens real; pad: one entry per row, right-padded")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=20, help="LR warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -65,7 +66,10 @@ def register(sub) -> None:
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="start over even if --output has a checkpoint")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --output has a checkpoint "
+                                                            "(its checkpoints are deleted)")
+    from slab.engine.cli import add_run_arguments
+    add_run_arguments(p, defaults={"resume": "auto"}, skip=("max_steps", "save_every", "output", "threads"))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -157,11 +161,12 @@ def run(args) -> int:
                         eval_every=args.eval_every,
                         save_every=args.save_every, amp=args.amp, seed=args.seed)
     summary = train_lm(model, train_ids, cfg, out, train_mask=train_mask, eval_ids=eval_ids, eval_mask=eval_mask,
-                       resume=not args.no_resume, log=log, progress=not args.no_progress)
+                       resume=False if args.no_resume else args.resume, log=log, progress=not args.no_progress,
+                       stop_at_step=args.stop_at_step, threads=args.threads)
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
-    if rank != 0:
+    if rank != 0 or summary["stopped_early"]:
         return 0
     results = {"norm": args.norm, "attn_type": args.attn_type, "sla_conv_kernel": args.sla_conv_kernel,
                "sla_position": args.sla_position, "bn_stats": args.bn_stats, "bn_causal_prior": args.bn_causal_prior, "bn_init": args.bn_init, "steps": summary["step"],

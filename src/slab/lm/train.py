@@ -1,31 +1,30 @@
 """Training, evaluation and BatchNorm calibration for SLAB-LLaMA language models.
 
-One loop serves ``slab train-lm`` (from scratch) and ``slab convert-lm`` (fine-tuning a LLaMA while
-PRepBN replaces its RMSNorms). The PRepBN lambda follows the optimizer step (:class:`slab.PRepBNSchedule`),
-so gradient accumulation does not shift it. Runs on one process, or under ``torchrun`` (DDP, one
-rank per device) when ``WORLD_SIZE`` is set; each rank takes BatchNorm statistics of its own micro-batch.
-Checkpoints are written atomically (temporary file, fsync, rename) and resume exactly where they stopped.
+:func:`train_lm` serves ``slab train-lm`` (from scratch) and ``slab convert-lm`` (fine-tuning a LLaMA while
+PRepBN replaces its RMSNorms): the task :class:`slab.lm.task.LMTask` run by :class:`slab.engine.Trainer`.
+The PRepBN lambda follows the optimizer step (:class:`slab.PRepBNSchedule`), so gradient accumulation
+does not shift it. Runs on one process, or under ``torchrun`` (DDP, one rank per device) when
+``WORLD_SIZE`` is set; each rank takes BatchNorm statistics of its own micro-batch. Checkpoints are the
+engine's (atomic, every rank's RNG) and resume exactly where they stopped.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import time
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..layers.norm import PRepBN, RepBN, pop_branch_gap, record_branch_gaps
-from ..schedule import PRepBNSchedule
-from ..train.checkpoint import atomic_save
+from ..engine.checkpoint import atomic_save
+from ..engine.distributed import setup_distributed
+from ..engine.optim import weight_decay_groups
+from ..files import torch_load
+from ..layers.norm import PRepBN, RepBN
 
-__all__ = ["TrainLMConfig", "train_lm", "perplexity", "fit_bn_to_ln", "init_bn_branches", "recalibrate_bn", "save_checkpoint",
-           "load_checkpoint", "init_distributed"]
+__all__ = ["TrainLMConfig", "train_lm", "perplexity", "fit_bn_to_ln", "init_bn_branches", "recalibrate_bn",
+           "save_checkpoint", "load_checkpoint", "init_distributed", "build_optimizer", "lr_factor"]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -167,26 +166,16 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A file written by :func:`save_checkpoint` (tensors and plain values only: ``weights_only`` loading)."""
+    return torch_load(path, "Give a checkpoint of `slab train-lm` (OUTPUT/checkpoints/step_*.pt)",
+                      map_location=map_location)
 
 
 # --------------------------------------------------------------------------------------------- distributed
 def init_distributed() -> tuple[int, int, torch.device]:
-    """``(rank, world_size, device)``; starts the process group when launched by torchrun (WORLD_SIZE set)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return rank, world, device
+    """``(rank, world_size, device)``; joins the process group when launched by torchrun (WORLD_SIZE set)."""
+    info = setup_distributed()
+    return info.rank, info.world_size, info.device
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -215,33 +204,11 @@ class TrainLMConfig:
     fit_batches: int = 4
     eval_every: int = 0                 # 0: only at the end
     save_every: int = 50
+    keep_last: int = 1                  # checkpoints kept (OUTPUT/checkpoints/step_*.pt)
     amp: str = "none"                   # 'none' or 'bf16' (autocast)
     max_bad_steps: int = 20             # consecutive non-finite steps before aborting
     seed: int = 0
     train_params: str = "all"           # 'all' or 'no-embeddings' (freeze embed_tokens / lm_head)
-
-
-class _Batches:
-    """Deterministic micro-batches: a seeded permutation per epoch, ranks take interleaved slices."""
-
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
-                 rank: int, world: int, seed: int):
-        if input_ids.shape[0] < batch_size * world:
-            raise ValueError(f"{input_ids.shape[0]} training sequences are fewer than one global batch "
-                             f"({batch_size} x {world} ranks)")
-        self.ids, self.mask = input_ids, attention_mask
-        self.bs, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.per_epoch = input_ids.shape[0] // (batch_size * world)
-        self._perm_epoch, self._perm = -1, None
-
-    def get(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        epoch, k = divmod(micro_index, self.per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.ids.shape[0], generator=g), epoch
-        start = (k * self.world + self.rank) * self.bs
-        idx = self._perm[start: start + self.bs]
-        return self.ids[idx], (self.mask[idx] if self.mask is not None else None)
 
 
 def prepbn_warmup_steps(cfg: TrainLMConfig) -> int:
@@ -251,7 +218,8 @@ def prepbn_warmup_steps(cfg: TrainLMConfig) -> int:
     return int(round(cfg.prepbn_warmup_fraction * cfg.steps))
 
 
-def _lr_lambda(cfg: TrainLMConfig):
+def lr_factor(cfg: TrainLMConfig):
+    """Step -> lr factor: linear warm-up over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
     def fn(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -260,16 +228,14 @@ def _lr_lambda(cfg: TrainLMConfig):
     return fn
 
 
-def _optimizer(model: nn.Module, cfg: TrainLMConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if cfg.train_params == "no-embeddings" and ("embed_tokens" in name or "lm_head" in name):
-            p.requires_grad_(False)
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+def build_optimizer(model: nn.Module, cfg: TrainLMConfig) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.95), weight decay on matrices only; ``no-embeddings`` freezes embed_tokens / lm_head."""
+    if cfg.train_params == "no-embeddings":
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or "lm_head" in name:
+                p.requires_grad_(False)
+    return torch.optim.AdamW(weight_decay_groups(model.named_parameters(), cfg.weight_decay), lr=cfg.lr,
+                             betas=(0.9, 0.95))
 
 
 def init_bn_branches(model: nn.Module, how: str, batches: list) -> int:
@@ -290,165 +256,43 @@ def _distill(logits: torch.Tensor, teacher: nn.Module, ids: torch.Tensor, mask: 
     return distillation_loss(logits, target, mask)
 
 
-def _autocast(cfg: TrainLMConfig, device: torch.device):
-    if cfg.amp == "none":
-        return contextlib.nullcontext()
-    if cfg.amp != "bf16":
-        raise ValueError(f"amp must be 'none' or 'bf16', got {cfg.amp!r}")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def train_lm(model: nn.Module, train_ids: torch.Tensor, cfg: TrainLMConfig, output_dir: str | os.PathLike,
              train_mask: torch.Tensor | None = None, eval_ids: torch.Tensor | None = None,
-             eval_mask: torch.Tensor | None = None, resume: bool = True, log=print, progress: bool = True,
-             stop_after: int | None = None, teacher: nn.Module | None = None) -> dict:
+             eval_mask: torch.Tensor | None = None, resume: bool | str = True, log=print, progress: bool = True,
+             stop_after: int | None = None, teacher: nn.Module | None = None, stop_at_step: int | None = None,
+             threads: int = 0) -> dict:
     """Train ``model`` (a causal LM taking ``input_ids``/``attention_mask``/``labels``) for ``cfg.steps`` steps.
 
-    Writes ``output_dir/checkpoint.pt`` every ``cfg.save_every`` steps and at the end, and resumes from it
-    when ``resume`` (same config). The PRepBN lambda is a function of the optimizer step. A step whose
-    gradients are not finite is skipped (counted in ``bad_steps``; the schedules still advance); after
-    ``cfg.max_bad_steps`` such steps in a row training stops with an error. Returns a summary dict
-    (``history`` of losses, ``eval`` perplexities, ``bad_steps``, ``lam``). ``stop_after`` ends the run after
-    that many steps of this call (to test resuming). With ``cfg.distill`` the objective is the KL divergence
-    from ``teacher``'s next-token distribution (:func:`slab.lm.convert.distillation_loss`); the logged ``loss``
-    stays the cross-entropy on the text.
+    Runs :class:`slab.lm.task.LMTask` on :class:`slab.engine.Trainer`: ``output_dir/metrics.jsonl`` (one line
+    per step) and ``output_dir/checkpoints/step_*.pt`` every ``cfg.save_every`` steps and at the end.
+    ``resume``: True or ``'auto'`` continues from the newest checkpoint (same config, else an error), False
+    starts over (the old checkpoints are deleted), a path resumes from that file. The PRepBN lambda is a
+    function of the optimizer step. A step whose loss or gradients are not finite on any rank is skipped on
+    every rank (counted in ``bad_steps``; the schedules still advance); after ``cfg.max_bad_steps`` such steps
+    in a row training stops with an error. Returns a summary dict (``history`` of losses, ``eval``
+    perplexities, ``bad_steps``, ``lam``). ``stop_after`` ends the run after that many steps of this call,
+    ``stop_at_step`` after that step (both with a checkpoint, to resume). With ``cfg.distill`` the objective is
+    the KL divergence from ``teacher``'s next-token distribution (:func:`slab.lm.convert.distillation_loss`);
+    the logged ``loss`` stays the cross-entropy on the text.
     """
+    from ..engine import Trainer, TrainerArgs
+    from .task import LMTask
     if cfg.distill and teacher is None:
         raise ValueError("cfg.distill needs a teacher model")
-    from tqdm.auto import tqdm
-    rank, world, device = init_distributed()
-    torch.manual_seed(cfg.seed)
-    output_dir = Path(output_dir)
-    ckpt_path = output_dir / "checkpoint.pt"
-    model.to(device)
-    schedule = PRepBNSchedule(model, total_steps=cfg.steps, warmup_steps=prepbn_warmup_steps(cfg),
-                              transition_fraction=cfg.prepbn_transition) \
-        if any(isinstance(m, PRepBN) for m in model.modules()) else None
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    state = {"step": 0, "bad_steps": 0, "history": [], "eval": [], "fitted": False}
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        saved = {k: v for k, v in ck["train_config"].items() if k not in ("save_every", "eval_every")}
-        mine = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "eval_every")}
-        if saved != mine:
-            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
-            raise ValueError(f"{ckpt_path} was written with another configuration {diff}; use a new --output "
-                             f"directory or --no-resume")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if schedule is not None:
-            schedule.load_state_dict(ck["prepbn"])
-        state = ck["state"]
-        torch.set_rng_state(ck["rng"])
-        if rank == 0:
-            log(f"resumed from {ckpt_path} at step {state['step']}")
-    ddp = world > 1
-    # Every parameter is used in every step: PRepBN gives the branch it skips (RepBN while lam = 1, RMSNorm once
-    # lam = 0) zero gradients, so DDP needs no search for unused parameters.
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None
-                                              ) if ddp else model
-    batches = _Batches(train_ids, train_mask, cfg.batch_size, rank, world, cfg.seed)
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress or rank != 0, desc="train",
-               dynamic_ncols=True)
-    bad_in_row = 0
-    t0, tokens = time.time(), 0
-    ran = 0
-
-    def checkpoint():
-        if rank == 0:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(),
-                             "prepbn": schedule.state_dict() if schedule is not None else None,
-                             "state": state, "rng": torch.get_rng_state(), "train_config": asdict(cfg),
-                             "model_config": model.config.to_dict() if hasattr(model, "config") else None},
-                            ckpt_path)
-        if ddp:
-            dist.barrier()
-
-    model.train()
-    consistency = schedule is not None and cfg.bn_consistency > 0
-    record_branch_gaps(model, consistency)
-    while state["step"] < cfg.steps:
-        step = state["step"]
-        if schedule is not None and cfg.bn_init not in ("zero", "keep") and not state["fitted"] \
-                and schedule.lam_at(step) < 1.0:
-            fit_batches = [tuple(t.to(device) if t is not None else None for t in batches.get(i))
-                           for i in range(cfg.fit_batches)]
-            n = init_bn_branches(model, cfg.bn_init, fit_batches)
-            if ddp:  # each rank fitted on its own batches: every rank takes rank 0's branches
-                for m in _repbns(model):
-                    for t in list(m.parameters()) + list(m.buffers()):
-                        dist.broadcast(t.data, src=0)
-            model.train()
-            state["fitted"] = True
-            if rank == 0:
-                log(f"step {step}: set {n} RepBN branches from their RMSNorm (bn_init={cfg.bn_init!r})")
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        gap_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            ids, mask = batches.get(step * cfg.grad_accum + micro)
-            ids = ids.to(device)
-            mask = mask.to(device) if mask is not None else None
-            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-            sync = contextlib.nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else net.no_sync()
-            with sync, _autocast(cfg, device):
-                out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-                loss = out.loss
-                total = loss if not cfg.distill else _distill(out.logits, teacher, ids, mask)
-                gap = pop_branch_gap(model) if consistency else None
-                total = total if gap is None else total + cfg.bn_consistency * gap
-                (total / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-            if gap is not None:
-                gap_sum += gap.detach() / cfg.grad_accum
-            tokens += int(mask.sum()) if mask is not None else ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
-        if ddp:
-            flag = finite.float()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag > 0
-        if bool(finite):
-            optimizer.step()
-            bad_in_row = 0
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            state["bad_steps"] += 1
-            bad_in_row += 1
-            if rank == 0:
-                log(f"step {step}: non-finite loss/gradient, step skipped ({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_bad_steps:
-                checkpoint()
-                raise RuntimeError(f"{bad_in_row} consecutive non-finite steps at step {step}: lower --lr, use "
-                                   f"--amp none, or lengthen the PRepBN transition")
-        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
-        lam = min(1.0, schedule.lam) if schedule is not None else None  # lam used by this step
-        if schedule is not None:
-            schedule.step()
-        state["step"] = step + 1
-        ran += 1
-        loss_value = float(loss_sum)
-        state["history"].append({"step": step + 1, "loss": loss_value, "lam": lam,
-                                 "lr": scheduler.get_last_lr()[0], "branch_gap": float(gap_sum) if consistency else None})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.3f}" if lam is not None else "-",
-                        tok_s=f"{tokens * world / max(1e-9, time.time() - t0):.0f}")
-        if eval_ids is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0 and rank == 0:
-            ppl = perplexity(model, eval_ids, eval_mask, batch_size=cfg.batch_size, device=device)
-            state["eval"].append({"step": state["step"], "ppl": ppl, "mode": "running-stats"})
-            log(f"step {state['step']}: held-out perplexity {ppl:.2f} (eval mode, running statistics)")
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            checkpoint()
-        if stop_after is not None and ran >= stop_after:
-            checkpoint()
-            break
-    bar.close()
-    elapsed = time.time() - t0
-    return {"step": state["step"], "bad_steps": state["bad_steps"], "history": state["history"],
-            "eval": state["eval"], "lam": schedule.lam if schedule is not None else None,
-            "train_tokens_per_s": tokens * world / max(elapsed, 1e-9), "rank": rank, "world_size": world}
+    task = LMTask(model, train_ids, cfg, train_mask, eval_ids, eval_mask, teacher=teacher, log=log)
+    mode = "auto" if resume is True else ("restart" if resume is False else resume)
+    legacy = os.path.join(os.fspath(output_dir), "checkpoint.pt")
+    if mode == "auto" and os.path.isfile(legacy) and not os.path.isdir(os.path.join(os.fspath(output_dir),
+                                                                                     "checkpoints")):
+        from ..errors import UserError
+        raise UserError(f"{legacy} is a checkpoint of the earlier single-file format, which this version does not "
+                        f"resume: finish that run with the slab that wrote it, or start over with --no-resume")
+    args = TrainerArgs(output=os.fspath(output_dir), resume=mode, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                       amp=cfg.amp, clip_grad=cfg.grad_clip, nonfinite="skip", max_bad_steps=cfg.max_bad_steps,
+                       eval_every=cfg.eval_every, save_every=cfg.save_every, keep_last=cfg.keep_last,
+                       stop_at_step=stop_at_step, stop_after=stop_after, progress=progress, threads=threads)
+    result = Trainer(task, args).train()
+    return {"step": result.steps, "bad_steps": result.bad_steps, "history": task.history, "eval": task.evals,
+            "lam": task.schedule.lam if task.schedule is not None else None,
+            "train_tokens_per_s": task.tokens_per_s(), "rank": task.dist.rank, "world_size": task.dist.world_size,
+            "stopped_early": result.stopped_early, "metrics": os.path.join(os.fspath(output_dir), "metrics.jsonl")}

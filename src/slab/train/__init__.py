@@ -10,7 +10,7 @@ from .checkpoint import atomic_save, find_resume_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, setup_distributed
 from .evaluate import evaluate, recalibrate_bn
-from .loop import (NonFiniteLossError, TrainResult, build_loaders, build_model, load_trained_model,
+from .task import (NonFiniteLossError, TrainResult, build_loaders, build_model, load_trained_model,
                    recalibration_loader, train)
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "recalibrate_bn", "NonFiniteLossError", "build_model",

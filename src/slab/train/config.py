@@ -69,6 +69,7 @@ class TrainConfig:
     sync_bn: bool = False
     device: str | None = None
     num_workers: int | None = None
+    threads: int = 0
     # bookkeeping
     seed: int = 0
     output: str | None = None

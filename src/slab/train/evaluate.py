@@ -1,26 +1,17 @@
 """Evaluation (top-1, loss) and BatchNorm recalibration."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.distributed import all_reduce_sum
+from ..engine.trainer import autocast_context
 from ..layers.norm import PRepBN, TokenBatchNorm
-from .distributed import all_reduce_sum
 
 __all__ = ["evaluate", "recalibrate_bn", "autocast_context"]
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_context(device: torch.device, amp: str | None):
-    """``torch.autocast`` for ``amp`` in {'bf16', 'fp16'}; a no-op for None/'none'."""
-    if amp in (None, "none"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=_AMP_DTYPES[amp])
 
 
 def _device_of(model: nn.Module, device) -> torch.device:

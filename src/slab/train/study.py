@@ -37,7 +37,7 @@ def _run_one(variant: str, seed: int, output: str, steps: int, batch_size: int, 
     torch.set_num_threads(threads)
     from .config import TrainConfig
     from .evaluate import evaluate, recalibrate_bn
-    from .loop import NonFiniteLossError, build_loaders, recalibration_loader, train
+    from .task import NonFiniteLossError, build_loaders, recalibration_loader, train
     norm, attn = VARIANTS[variant]
     run_dir = os.path.join(output, "runs", f"{variant.replace('+', '_')}_seed{seed}")
     cfg = TrainConfig(model="slab_deit_nano_patch4_28", model_kwargs=dict(norm=norm, attn=attn), data="fashion-mnist",
