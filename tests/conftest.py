@@ -58,3 +58,16 @@ def authors_param_count(model: torch.nn.Module) -> int:
     kept = sum(b.numel() for n, b in model.named_buffers() if n == "cls_token" or n.endswith("attns.0.scale")
                or n.endswith("attns.1.scale"))
     return sum(p.numel() for p in model.parameters()) + kept
+
+
+def run_kernel_tests_in_fresh_interpreter(test_file: str) -> None:
+    """Run ``test_file`` again in a subprocess with ``TRITON_INTERPRET=1`` (Triton reads it when imported, so a
+    process that imported Triton without it cannot interpret kernels); every test there must pass, none skip."""
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(test_file),
+           "-k", "not test_kernel_tests_in_a_fresh_interpreter"]
+    run = subprocess.run(cmd, env=env, cwd=Path(test_file).parents[1], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]

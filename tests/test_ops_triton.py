@@ -10,9 +10,7 @@ full-suite run earlier modules have already imported Triton
 :func:`test_kernel_tests_in_a_fresh_interpreter` runs this file again in a subprocess with it set.
 """
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ except ImportError as e:  # only a missing Triton skips; any other failure below
 from slab.ops import linear_attention, linear_attention_reference  # noqa: E402
 from slab.ops import triton_linear_attention as kernels  # noqa: E402
 
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, run_kernel_tests_in_fresh_interpreter  # noqa: E402
 
 IN_PROCESS = DEVICE == "cuda" or kernels.INTERPRETED
 kernel_test = pytest.mark.skipif(not IN_PROCESS, reason="Triton was imported without TRITON_INTERPRET=1: "
@@ -186,9 +184,4 @@ def test_impl_choice_and_errors(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(IN_PROCESS, reason="the kernel tests ran in this process")
 def test_kernel_tests_in_a_fresh_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(Path(__file__)),
-           "-k", "not test_kernel_tests_in_a_fresh_interpreter"]
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    run_kernel_tests_in_fresh_interpreter(__file__)

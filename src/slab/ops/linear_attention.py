@@ -173,19 +173,23 @@ def _triton_module():
     return triton_linear_attention
 
 
-_triton_ok: bool | None = None
+_triton_ok: dict = {}
+
+
+def triton_importable(load) -> bool:
+    """Whether ``load()`` (an op's Triton kernel module) imports, checked once per module; the automatic choice
+    falls back to torch when not."""
+    if load not in _triton_ok:
+        try:
+            load()
+            _triton_ok[load] = True
+        except Exception:  # noqa: BLE001 - a missing or broken Triton install: use the torch path
+            _triton_ok[load] = False
+    return _triton_ok[load]
 
 
 def _triton_importable() -> bool:
-    """Whether the kernels import (checked once); the automatic choice falls back to torch when not."""
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            _triton_module()
-            _triton_ok = True
-        except Exception:  # noqa: BLE001 - a missing or broken Triton install: use the torch path
-            _triton_ok = False
-    return _triton_ok
+    return triton_importable(_triton_module)
 
 
 def triton_auto_allowed(x: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_attention import triton_auto_allowed
+from .linear_attention import triton_auto_allowed, triton_importable
 
 __all__ = ["prepbn_mix", "IMPLS"]
 
@@ -92,9 +92,6 @@ def _check(x2d, ln_weight, ln_bias, lam) -> None:
         raise ValueError("prepbn_mix: the LN branch (lam given) needs an affine LayerNorm: ln_weight and ln_bias")
 
 
-_triton_ok: bool | None = None
-
-
 def _triton_module():
     """``slab.ops.triton_prepbn``, imported on first use (importing Triton is slow)."""
     from . import triton_prepbn
@@ -102,14 +99,7 @@ def _triton_module():
 
 
 def _triton_importable() -> bool:
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            _triton_module()
-            _triton_ok = True
-        except Exception:  # noqa: BLE001 - a missing or broken Triton install: use the torch path
-            _triton_ok = False
-    return _triton_ok
+    return triton_importable(_triton_module)
 
 
 def _resolve_impl(impl: str | None, x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam) -> str:
