@@ -36,6 +36,14 @@ def tiny_llama(tok, seed=0):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
 
 
+def llama_with_spread_token_scales(tok):
+    """A tiny LLaMA whose tokens have very different scales, so that no per-channel map replaces its RMSNorms."""
+    llama = tiny_llama(tok)
+    with torch.no_grad():
+        llama.model.embed_tokens.weight.mul_(torch.exp(torch.randn(len(tok), 1, generator=torch.Generator().manual_seed(1))))
+    return llama
+
+
 def test_least_squares_fit_is_exact_where_rmsnorm_is_linear():
     torch.manual_seed(0)
     norm = PRepBN(16, ln="rmsnorm", alpha_init=0.0)
@@ -100,9 +108,7 @@ def _linear_io(model, ids, names):
 
 def test_refitting_the_linear_layers_lowers_each_ones_error_and_fuses_exactly(corpus):
     _, ds, tok = corpus
-    llama = tiny_llama(tok)
-    with torch.no_grad():  # tokens of very different scales, so that no per-channel map replaces the RMSNorms
-        llama.model.embed_tokens.weight.mul_(torch.exp(torch.randn(len(tok), 1, generator=torch.Generator().manual_seed(1))))
+    llama = llama_with_spread_token_scales(tok)
     blocks = data.pack_tokens(tok, ds["train"]["text"], 24)
     calib, probe = [(blocks[i: i + 8], None) for i in range(0, 64, 8)], blocks[64:80]
     refit = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", first_token_affine=True)
@@ -129,9 +135,7 @@ def test_refitting_the_linear_layers_lowers_each_ones_error_and_fuses_exactly(co
 
 def test_local_distillation_brings_each_layer_closer_to_the_original_and_fuses_exactly(corpus):
     _, ds, tok = corpus
-    llama = tiny_llama(tok)
-    with torch.no_grad():  # tokens of very different scales, so that no per-channel map replaces the RMSNorms
-        llama.model.embed_tokens.weight.mul_(torch.exp(torch.randn(len(tok), 1, generator=torch.Generator().manual_seed(1))))
+    llama = llama_with_spread_token_scales(tok)
     blocks = data.pack_tokens(tok, ds["train"]["text"], 24)
     calib, probe = [(blocks[i: i + 8], None) for i in range(0, 32, 8)], blocks[64:80]
 
