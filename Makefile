@@ -86,7 +86,7 @@ PEER_ARGS ?=
 peer-test-timm: setup
 	OMP_NUM_THREADS=1 $(PY) tests/peer/run_timm.py $(PEER_ARGS)
 
-# Both peer suites (timm's takes about 40 min on 1 thread, so `make test` runs only the transformers one).
+# Both peer suites (timm's takes about 33 min on 1 thread, so `make test` runs only the transformers one).
 .PHONY: peer-test
 peer-test: peer-test-transformers peer-test-timm
 
