@@ -20,7 +20,7 @@ try:
 except ImportError as e:  # only a missing Triton skips; any other failure below is a real error
     pytest.skip(f"triton cannot be imported: {e}", allow_module_level=True)
 from slab.ops import prepbn_mix, prepbn_mix_reference  # noqa: E402
-from slab.ops import prepbn as prepbn_op  # noqa: E402
+from slab.ops import dispatch  # noqa: E402
 from slab.ops import triton_prepbn as kernels  # noqa: E402
 
 from conftest import assert_close, run_kernel_tests_in_fresh_interpreter  # noqa: E402
@@ -235,7 +235,7 @@ def test_prepbn_layer_takes_the_triton_path_when_chosen(monkeypatch):
         twin = copy.deepcopy(m)
         x = torch.randn(2, 33, 96, device=DEVICE) * 2 + 1
         g = torch.randn_like(x)
-        monkeypatch.setattr(prepbn_op, "triton_auto_allowed", lambda t: True)
+        monkeypatch.setattr(dispatch, "triton_auto_allowed", lambda t: True)
         monkeypatch.setattr(kernels, "prepbn_mix_triton", counted)
         xa = x.clone().requires_grad_()
         m(xa).backward(g)
@@ -278,7 +278,7 @@ def test_impl_choice_and_errors(monkeypatch):
     want = prepbn_mix_reference(x, *params, lam)
     assert_close("auto on CPU", want, call(x, params, lam), 1e-5)
     # Where the switch allows Triton, inputs the kernels do not cover still take the torch path (explicitly).
-    monkeypatch.setattr(prepbn_op, "triton_auto_allowed", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_auto_allowed", lambda t: True)
     running = [r.double() for r in running]
     assert_close("auto float64", want.double(), call(x.double(), [p.double() for p in params], lam), 1e-5)
     monkeypatch.undo()

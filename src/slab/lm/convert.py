@@ -136,11 +136,10 @@ def _run_capturing(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, modules
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        out = layer(hidden, **kwargs)
+        out = _layer_output(layer, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
-    out = out[0] if isinstance(out, tuple) else out
     return out, [seen[id(m)] for m in modules]
 
 
@@ -217,13 +216,13 @@ def calibrate_repbn(student: nn.Module, teacher: nn.Module, batches, sequential:
     if local_steps and not sequential:
         raise ValueError("local_steps needs sequential=True (it trains each layer on the student's own inputs)")
     report = []
+    real_rows = [k0 | k1 for k0, k1 in keeps]
     for s_layer, t_layer in zip(student.model.layers, teacher.model.layers):
         s_in = s_state
         s_state, t_state = _calibrate_layer(s_layer, t_layer, s_state, t_state, keeps, report, sequential,
                                             refit_ridge, tuple(refit), refit_first_token)
         if local_steps:
-            rows = [k0 | k1 for k0, k1 in keeps]
-            local_distill_layer(s_layer, s_in, [out for out, _ in t_state], rows, local_steps, local_lr)
+            local_distill_layer(s_layer, s_in, [out for out, _ in t_state], real_rows, local_steps, local_lr)
             s_state = [(_layer_output(s_layer, hs, kw), kw) for hs, kw in s_in]
     final = student.model.norm
     x_final = [hs for hs, _ in s_state] if sequential else [ht for ht, _ in t_state]

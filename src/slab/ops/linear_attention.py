@@ -26,9 +26,10 @@ CPU): inductor fuses the ReLUs, the normaliser and the division into the surroun
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from .dispatch import IMPLS, choose_impl, load_kernels, triton_auto_allowed  # noqa: F401 (re-exported)
 
 __all__ = ["linear_attention", "linear_attention_compiled", "kv_first", "triton_auto_allowed", "IMPLS"]
 
@@ -164,60 +165,10 @@ def _qk_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> 
     return (scores @ v).div_(den)
 
 
-IMPLS = (None, "torch", "triton")
-
-
 def _triton_module():
     """``slab.ops.triton_linear_attention``, imported on first use (importing Triton is slow)."""
     from . import triton_linear_attention
     return triton_linear_attention
-
-
-_triton_ok: dict = {}
-
-
-def triton_importable(load) -> bool:
-    """Whether ``load()`` (an op's Triton kernel module) imports, checked once per module; the automatic choice
-    falls back to torch when not."""
-    if load not in _triton_ok:
-        try:
-            load()
-            _triton_ok[load] = True
-        except Exception:  # noqa: BLE001 - a missing or broken Triton install: use the torch path
-            _triton_ok[load] = False
-    return _triton_ok[load]
-
-
-def _triton_importable() -> bool:
-    return triton_importable(_triton_module)
-
-
-def triton_auto_allowed(x: torch.Tensor) -> bool:
-    """Whether an automatic ``impl`` choice may take a Triton path for ``x``: a CUDA tensor, ``SLAB_TRITON=1`` in
-    the environment, and not under tracing or compiling (exporters and dynamo cannot see into a Triton launch).
-
-    The switch every op's automatic choice shares (SLA here, the PRepBN mix in :mod:`slab.ops.prepbn`). The
-    kernels are verified only under Triton's interpreter so far (no GPU has been lent to this project yet):
-    until a GPU run has checked them compiled, the automatic choice needs that opt-in."""
-    if not x.is_cuda or not torch.cuda.is_available() or os.environ.get("SLAB_TRITON", "0") != "1":
-        return False
-    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-
-
-def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """'triton' for inputs the kernels support where :func:`triton_auto_allowed` (``SLAB_TRITON=1``, CUDA), else
-    'torch'."""
-    if not triton_auto_allowed(q):
-        return "torch"
-    if not _triton_importable() or _triton_module().unsupported(q, k, v) is not None:
-        return "torch"
-    return "triton"
-
-
-def _resolve_impl(impl: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"linear_attention: impl must be one of None (automatic), 'torch', 'triton'; got {impl!r}")
-    return _auto_impl(q, k, v) if impl is None else impl
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
@@ -248,12 +199,8 @@ def _linear_attention_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                impl: str | None) -> torch.Tensor:
     """Eager :func:`linear_attention`: checks the shapes, then the Triton kernels or the torch path."""
     _check(q, k, v)
-    if _resolve_impl(impl, q, k, v) == "triton":
-        try:
-            kernels = _triton_module()
-        except ImportError as e:
-            raise RuntimeError(f"linear_attention(impl='triton') needs an importable triton package: {e}") from e
-        return kernels.linear_attention_triton(q, k, v, eps)
+    if choose_impl("linear_attention", impl, _triton_module, q, q, k, v) == "triton":
+        return load_kernels("linear_attention", _triton_module).linear_attention_triton(q, k, v, eps)
     return _linear_attention_torch(q, k, v, eps)
 
 

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .linear_attention import triton_auto_allowed, triton_importable
+from .dispatch import IMPLS, choose_impl, load_kernels
 
 __all__ = ["prepbn_mix", "IMPLS"]
-
-IMPLS = (None, "torch", "triton")
-
 
 class _ProgressiveBNFunction(torch.autograd.Function):
     """Training-mode ``lam * LN(x) + (1 - lam) * (BN(x) + alpha * x)`` on ``[M, C]`` tokens, ``0 <= lam < 1``.
@@ -98,24 +95,6 @@ def _triton_module():
     return triton_prepbn
 
 
-def _triton_importable() -> bool:
-    return triton_importable(_triton_module)
-
-
-def _resolve_impl(impl: str | None, x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"prepbn_mix: impl must be one of None (automatic), 'torch', 'triton'; got {impl!r}")
-    if impl is not None:
-        return impl
-    # Automatic: Triton only where the shared opt-in allows it and the kernels cover these inputs; everything
-    # else (float64, very wide C, CPU) takes the torch path, on purpose and by this check.
-    if not triton_auto_allowed(x2d) or not _triton_importable():
-        return "torch"
-    if _triton_module().unsupported(x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam) is not None:
-        return "torch"
-    return "triton"
-
-
 def prepbn_mix(x2d: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                bn_weight: torch.Tensor, bn_bias: torch.Tensor, alpha: torch.Tensor, lam: torch.Tensor | None,
                running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, bn_eps: float,
@@ -140,12 +119,11 @@ def prepbn_mix(x2d: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch
         ``[M, C]`` in ``x2d``'s dtype. Differentiable in ``x2d`` and the five parameters (not in ``lam``).
     """
     _check(x2d, ln_weight, ln_bias, lam)
-    if _resolve_impl(impl, x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam) == "triton":
-        try:
-            kernels = _triton_module()
-        except ImportError as e:
-            raise RuntimeError(f"prepbn_mix(impl='triton') needs an importable triton package: {e}") from e
-        return kernels.prepbn_mix_triton(x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam, running_mean,
+    # Automatic: Triton only where the shared opt-in allows it and the kernels cover these inputs; everything
+    # else (float64, very wide C, CPU) takes the torch path.
+    if choose_impl("prepbn_mix", impl, _triton_module, x2d, x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha,
+                   lam) == "triton":
+        return load_kernels("prepbn_mix", _triton_module).prepbn_mix_triton(x2d, ln_weight, ln_bias, bn_weight, bn_bias, alpha, lam, running_mean,
                                          running_var, momentum, bn_eps, ln_eps)
     use_ln = lam is not None
     lam_t = lam.to(x2d.dtype) if use_ln else x2d.new_zeros(())
