@@ -11,7 +11,8 @@ import slab
 from slab.cli import main
 from slab.layers.norm import PRepBN
 from slab.lm import SlabLlamaForCausalLM, data
-from slab.lm.convert import LeastSquares, set_fitted_map, calibrate_repbn, distillation_loss
+from slab.lm.convert import (LeastSquares, set_fitted_map, calibrate_repbn, distillation_loss, residual_bounds,
+                              residual_guard)
 from slab.lm.norm import CausalRepBN, FirstTokenAffine
 from slab.lm.train import TrainLMConfig, train_lm
 
@@ -200,6 +201,63 @@ def test_distillation_lowers_the_converted_models_divergence(corpus, tmp_path):
         train_lm(student, blocks, cfg, tmp_path / "run2", progress=False, log=lambda *a: None)
 
 
+def _bn_branch_only(model):
+    """lam = 0 in every PRepBN, as fine-tuning after calibration sets it (the BN branch alone, as in eval)."""
+    for m in model.modules():
+        if isinstance(m, PRepBN):
+            m.set_lambda(0.0)
+
+
+def test_frozen_statistics_train_the_eval_form_and_are_never_recalibrated(corpus):
+    _, ds, tok = corpus
+    llama = tiny_llama(tok)
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
+    student = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", bn_stats="frozen", first_token_affine=True)
+    calibrate_repbn(student, llama, [(blocks[:8], None)])
+    _bn_branch_only(student)
+    bns = [m for m in student.modules() if isinstance(m, CausalRepBN)]
+    stats = [(m.bn.running_mean.clone(), m.bn.running_var.clone()) for m in bns]
+    probe = blocks[8:16]
+    with torch.no_grad():
+        eval_logits = student.eval()(input_ids=probe).logits
+        train_logits = student.train()(input_ids=probe).logits  # training forward == the eval (folded) forward
+    assert_close("frozen: train forward == eval forward", eval_logits, train_logits, 1e-5)
+    from slab.lm.train import recalibrate_bn
+    assert recalibrate_bn(student, [(blocks[16:24], None)]) == 0
+    for m, (mean, var) in zip(bns, stats):  # neither the training forward nor recalibration moved them
+        assert torch.equal(m.bn.running_mean, mean) and torch.equal(m.bn.running_var, var)
+    running = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", bn_stats="running", first_token_affine=True)
+    running.load_state_dict(student.state_dict())
+    _bn_branch_only(running)
+    with torch.no_grad():
+        running.train()(input_ids=probe)
+    moved = [m for m in running.modules() if isinstance(m, CausalRepBN)]
+    assert not torch.equal(moved[0].bn.running_mean, stats[0][0])  # 'running' does update them (the contrast)
+
+
+def test_residual_guard_clamps_each_layer_in_training_only(corpus):
+    _, ds, tok = corpus
+    llama = tiny_llama(tok)
+    blocks = data.pack_tokens(tok, ds["train"]["text"], 16)
+    bounds = residual_bounds(llama, [(blocks[:4], None)], factor=4.0)
+    assert len(bounds) == len(llama.model.layers) and all(b > 0 for b in bounds)
+    assert residual_bounds(llama, [(blocks[:4], None)], factor=2.0) == pytest.approx([b / 2 for b in bounds])
+    student = SlabLlamaForCausalLM.from_llama(llama, norm="rmsnorm")
+    probe = blocks[4:8]
+    seen = []  # the largest |value| layer 1 receives: layer 0's output, clamped or not
+    hook = student.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(float(a[0].abs().max())))
+    with torch.no_grad():
+        with residual_guard(student, [1e-3] * len(bounds)):  # so tight that every output is clamped
+            student.eval()(input_ids=probe)
+            student.train()(input_ids=probe)
+        student.train()(input_ids=probe)  # the guard is gone once the block ends
+    hook.remove()
+    assert seen[0] > 1e-2 and seen[1] == pytest.approx(1e-3) and seen[2] == pytest.approx(seen[0])
+    with pytest.raises(ValueError, match="bounds for"):
+        with residual_guard(student, [1.0]):
+            pass
+
+
 def _save_llama_dir(tok, path):
     llama = tiny_llama(tok)
     llama.save_pretrained(path)
@@ -243,7 +301,7 @@ def _gguf(path, arch):
 
 
 @pytest.mark.parametrize("case", ["not-llama-dir", "no-tokenizer", "gguf-not-llama", "not-gguf", "missing",
-                                  "short-text", "warmup", "output-is-file"])
+                                  "short-text", "warmup", "output-is-file", "frozen-zero", "guard"])
 def test_convert_lm_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, tmp_path, capsys):
     d, _, tok = corpus
     src, text, extra = tmp_path / "llama", d / "quotes", []
@@ -275,6 +333,14 @@ def test_convert_lm_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, 
         _save_llama_dir(tok, src)
         extra = ["--warmup", "5"]
         want = "never reach"
+    elif case == "frozen-zero":
+        _save_llama_dir(tok, src)
+        extra = ["--bn-stats", "frozen", "--init", "zero"]
+        want = "needs --init calibrate"
+    elif case == "guard":
+        _save_llama_dir(tok, src)
+        extra = ["--residual-guard", "-1"]
+        want = "--residual-guard must be >= 0"
     else:
         _save_llama_dir(tok, src)
         out.write_text("a file")

@@ -40,9 +40,15 @@ def register(sub) -> None:
                         "switches at once, which did best in docs/language_models.md; use e.g. 0.8 with --init zero")
     p.add_argument("--no-first-token-affine", action="store_true",
                    help="map the first token with the shared per-channel affine (ablation; it is the attention sink)")
-    p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running"],
+    p.add_argument("--bn-stats", default="batch", choices=["batch", "causal", "running", "frozen"],
                    help="BN statistics while fine-tuning: batch (default; 1.030 x on the small model where running, "
-                        "the calibrated ones as in eval, gave 1.089 x), causal, running")
+                        "the calibrated ones as in eval, gave 1.089 x), causal, running, or frozen: the calibrated "
+                        "statistics never updated, so the model trained is exactly the one that folds (no "
+                        "recalibration; with --local-steps the best on SmolLM2, docs/language_models.md)")
+    p.add_argument("--residual-guard", type=float, default=4.0,
+                   help="while fine-tuning, clamp each layer's residual stream to this many times the original "
+                        "model's peak on the calibration batches, so that the few sequences whose scale runs away "
+                        "without a norm keep a finite gradient (0: off; eval and the fused model are unaffected)")
     p.add_argument("--train-params", default="no-embeddings", choices=["all", "no-embeddings"],
                    help="no-embeddings freezes the (tied) embedding/lm_head matrix: faster on CPU")
     p.add_argument("--calib-batches", type=int, default=4, help="batches of --batch-size x --seq-len tokens")
@@ -86,6 +92,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--refit-ridge needs --init calibrate and a value >= 0 (got {args.refit_ridge})")
     if args.local_steps and (args.init != "calibrate" or not args.local_lr > 0):
         raise ValueError(f"--local-steps needs --init calibrate and --local-lr > 0 (got {args.local_lr})")
+    if args.bn_stats == "frozen" and args.init != "calibrate":
+        raise ValueError("--bn-stats frozen keeps the BN statistics of the calibration: it needs --init calibrate")
+    if args.residual_guard < 0:
+        raise ValueError(f"--residual-guard must be >= 0 (0: off), got {args.residual_guard}")
     if not 0.0 <= args.prepbn_transition <= 1.0:
         raise ValueError(f"--prepbn-transition is a fraction of --steps in [0, 1], got {args.prepbn_transition}")
 
@@ -144,6 +154,7 @@ def run(args) -> int:
 
 
 def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> int:
+    import contextlib
     import time
 
     import torch
@@ -151,7 +162,7 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
     import slab
     from slab.lm import SlabLlamaForCausalLM
     from slab.lm.bench import device_name
-    from slab.lm.convert import calibrate_repbn
+    from slab.lm.convert import calibrate_repbn, residual_bounds, residual_guard
     from slab.lm.train import TrainLMConfig, init_distributed, perplexity, recalibrate_bn, train_lm
     from slab.train.checkpoint import atomic_write_text
 
@@ -162,6 +173,7 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
     bs, eval_bs = args.batch_size, max(1, args.batch_size // 2)
     results = {"model": description, "steps": args.steps, "seq_len": args.seq_len, "batch_size": bs,
                "init": args.init, "objective": args.objective, "bn_stats": args.bn_stats,
+               "residual_guard": args.residual_guard,
                "first_token_affine": not args.no_first_token_affine, "train_params": args.train_params,
                "train_tokens": int(train_ids.numel()), "eval_tokens": int(eval_ids.numel()),
                "device": device_name(device)}
@@ -194,8 +206,15 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
                             save_every=max(10, args.steps // 4), amp=args.amp, seed=args.seed,
                             train_params=args.train_params, distill=args.objective == "distill")
         t0 = time.time()
-        summary = train_lm(model, train_ids, cfg, out, resume=not args.no_resume, log=log,
-                           progress=not args.no_progress, teacher=llama if cfg.distill else None)
+        guard = contextlib.nullcontext()
+        if args.residual_guard:
+            calib = train_ids[: max(1, args.calib_batches) * bs]
+            bounds = residual_bounds(llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
+                                     args.residual_guard)
+            guard = residual_guard(model, bounds)
+        with guard:
+            summary = train_lm(model, train_ids, cfg, out, resume=not args.no_resume, log=log,
+                               progress=not args.no_progress, teacher=llama if cfg.distill else None)
         results["train_seconds"] = time.time() - t0
         results["final_train_loss"] = summary["history"][-1]["loss"] if summary["history"] else None
         results["bad_steps"] = summary["bad_steps"]
@@ -205,9 +224,12 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    n = recalibrate_bn(model, ((train_ids[i * bs:(i + 1) * bs].to(device), None)
-                               for i in range(min(args.recalibrate_batches, train_ids.shape[0] // bs))))
-    log(f"recalibrated BN statistics over {n} batches")
+    if args.bn_stats == "frozen":
+        log("BN statistics frozen at their calibration (the model trained is the one that folds): no recalibration")
+    else:
+        n = recalibrate_bn(model, ((train_ids[i * bs:(i + 1) * bs].to(device), None)
+                                   for i in range(min(args.recalibrate_batches, train_ids.shape[0] // bs))))
+        log(f"recalibrated BN statistics over {n} batches")
     results["ppl_converted"] = perplexity(model, eval_ids, batch_size=eval_bs, device=device)
     fused = slab.fuse(model)
     results["ppl_fused"] = perplexity(fused, eval_ids, batch_size=eval_bs, device=device)

@@ -16,8 +16,9 @@ LM_NORMS = ("rmsnorm", "prepbn", "repbn", "none")
 #: Where BatchNorm takes its statistics in training (eval always uses the running statistics):
 #: 'batch' all real tokens of the batch (the authors'; a position sees its sequence's future through
 #: the mean/variance), 'causal' tokens at positions <= t of every row (no future leak),
-#: 'running' the running statistics (no leak, no gradient through the statistics).
-BN_STATS = ("batch", "causal", "running")
+#: 'running' the running statistics (no leak, no gradient through the statistics); 'frozen' the running
+#: statistics, never updated: training then optimises exactly the eval form, the model that folds.
+BN_STATS = ("batch", "causal", "running", "frozen")
 #: Whole-model attention types; a string of one letter per layer ('S' softmax, 'L' SLA) mixes them.
 ATTN_TYPES = {"softmax": "S", "sla": "L"}
 #: Position information of SLA layers: 'rope' rotates q and k before the ReLU kernel, 'none' leaves

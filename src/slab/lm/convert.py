@@ -17,6 +17,7 @@ next-token distribution (KL divergence), which is what matters, rather than the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from ..layers.norm import PRepBN
 
 __all__ = ["calibrate_repbn", "distillation_loss", "rmsnorm_form", "LeastSquares", "RidgeRefit", "set_fitted_map",
-           "local_distill_layer"]
+           "local_distill_layer", "residual_bounds", "residual_guard"]
 
 
 class _Stop(Exception):
@@ -363,3 +364,63 @@ def rmsnorm_form(model: nn.Module) -> nn.Module:
     teacher.model.norm = teacher.model.norm.ln
     teacher.config.first_token_affine = False
     return teacher.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def residual_bounds(teacher: nn.Module, batches, factor: float = 4.0) -> list[float]:
+    """Per decoder layer, ``factor`` x the largest absolute value of ``teacher``'s residual stream after that
+    layer over ``batches`` (``(input_ids, attention_mask or None)`` pairs): the bounds of :func:`residual_guard`."""
+    if not factor > 0:
+        raise ValueError(f"residual_bounds: factor must be > 0, got {factor}")
+    layers = list(teacher.model.layers)
+    peaks = [0.0] * len(layers)
+
+    def record(i: int):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            peaks[i] = max(peaks[i], float(out.detach().abs().max()))
+        return hook
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    n = 0
+    try:
+        for ids, mask in batches:
+            teacher(input_ids=ids, attention_mask=mask, use_cache=False)
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ValueError("residual_bounds needs at least one batch")
+    return [factor * p for p in peaks]
+
+
+@contextlib.contextmanager
+def residual_guard(model: nn.Module, bounds: list[float]):
+    """While the model trains, clamp each decoder layer's output to ``[-bound, bound]`` (no effect in eval).
+
+    Why: a norm-free LLaMA has no per-token control of scale. A token whose residual stream grows is fed,
+    through its per-channel maps, to SwiGLU, whose output grows with the square of its input, so the growth
+    feeds itself: in SmolLM2 converted by :func:`calibrate_repbn`, ~5 % of training sequences of 64 tokens
+    run away to inf in the last layers, and a batch holding one has a non-finite gradient (fine-tuning in the
+    eval form skipped every step). Clamped, such sequences give a large but finite loss, whose gradient teaches
+    the model to keep them in range; the eval (and fused) model is untouched."""
+    layers = list(model.model.layers)
+    if len(bounds) != len(layers):
+        raise ValueError(f"residual_guard: {len(bounds)} bounds for {len(layers)} decoder layers")
+
+    def clamp(bound: float):
+        def hook(module, args, output):
+            if not module.training:
+                return output
+            if isinstance(output, tuple):
+                return (output[0].clamp(-bound, bound),) + tuple(output[1:])
+            return output.clamp(-bound, bound)
+        return hook
+
+    handles = [layer.register_forward_hook(clamp(b)) for layer, b in zip(layers, bounds)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -27,7 +27,10 @@ class CausalRepBN(RepBN):
     shifted by the running mean for accuracy), shrunk towards the running statistics with the weight of
     ``causal_prior`` tokens; with ``causal_prior=0``, positions with fewer than two such tokens use the
     running statistics. ``'running'``: the running statistics, as in eval (the statistics are updated from the
-    batch afterwards, without gradient). Running statistics are updated from all real tokens in every mode.
+    batch afterwards, without gradient). ``'frozen'``: the running statistics, never updated: the training
+    forward is the eval forward, so what is trained is exactly the model that folds (used to fine-tune a
+    converted LLaMA in its deployed form). Running statistics are updated from all real tokens in every other
+    mode.
     ``mask`` (``[B, T]`` bool, True = real token) excludes padding from the statistics.
     """
 
@@ -78,11 +81,12 @@ class CausalRepBN(RepBN):
             raise ValueError(f"mask of shape {tuple(m.shape)} does not match tokens of shape {tuple(x.shape[:2])}")
         run_mean = bn.running_mean.clone()
         run_var = bn.running_var.clone()
-        if self.stats == "running":
+        if self.stats in ("running", "frozen"):
             mean, var = run_mean.to(x.dtype), run_var.to(x.dtype)
         else:
             mean, var = self._prefix_statistics(x, m, run_mean, run_var, self.causal_prior)
-        self._update_running(x, m)
+        if self.stats != "frozen":
+            self._update_running(x, m)
         y = (x - mean) * torch.rsqrt(var + bn.eps)
         return y * bn.weight + bn.bias
 

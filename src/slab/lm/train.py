@@ -119,7 +119,8 @@ def recalibrate_bn(model: nn.Module, batches, all_ranks: bool = False) -> int:
     :func:`slab.fuse`. With ``all_ranks`` (every DDP rank calls it) the statistics are averaged over ranks.
     Returns the number of batches used.
     """
-    bns = _repbns(model)
+    # 'frozen' statistics are part of what was trained (the eval form itself): left as they are.
+    bns = [m for m in _repbns(model) if getattr(m, "stats", None) != "frozen"]
     if not bns:
         return 0
     was_training = model.training
