@@ -15,6 +15,7 @@ from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import slab
+from slab.layers.attention import get_attn_layer
 from slab.layers.norm import PRepBN, set_prepbn_lambda
 
 from conftest import assert_close, randomize_bn_stats
@@ -28,6 +29,15 @@ TINY = {
     "pvt_v2": dict(img_size=64, embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1)),
     "swin": dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 1, 2, 2)),
     "cswin": dict(img_size=64, embed_dim=16, depth=(1, 2, 1, 1), num_heads=(2, 2, 4, 4)),
+}
+
+#: Per family: a registered model (any form) and the attention form of its blocks.
+FAMILY_ATTN = {
+    "deit": ("slab_deit_tiny_patch16_224", "global"),
+    "pvt": ("pvt_tiny_prepbn", "spatial_reduction"),
+    "pvt_v2": ("pvt_v2_b0_prepbn", "spatial_reduction"),
+    "swin": ("swin_tiny_prepbn_patch4_window7_224", "window"),
+    "cswin": ("cswin_tiny_prepbn_224", "stripe"),
 }
 
 
@@ -45,6 +55,18 @@ def _tiny(name: str, **kwargs):
 def _tracer_kwargs() -> dict:
     return dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
                 param_shapes_constant=True)
+
+
+@pytest.mark.parametrize("attn", ["softmax", "sla"])
+@pytest.mark.parametrize("family", list(FAMILY_ATTN))
+def test_attn_word_sets_every_block_of_every_family(family, attn):
+    name, form = FAMILY_ATTN[family]
+    model, x = _tiny(name, attn=attn)
+    types = {type(m) for m in model.modules()}
+    other = "sla" if attn == "softmax" else "softmax"
+    assert get_attn_layer(attn, form) in types and get_attn_layer(other, form) not in types
+    out = model(x)
+    assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import slab
 from slab.layers import PRepBN, RepBN, SimplifiedLinearAttention, TokenBatchNorm, get_norm_layer
+from slab.layers.attention import attn_letters, get_attn_layer, parse_attn
 from slab.ops import linear_attention, linear_attention_reference
 from slab.schedule import PRepBNSchedule
 
@@ -202,6 +203,17 @@ def test_sla_positional_encoding_resized_for_other_grids():
     assert m(torch.randn(2, 6 * 3, 8), (6, 3)).shape == (2, 18, 8)
     with pytest.raises(ValueError, match="tokens"):
         m(torch.randn(2, 10, 8), (3, 3))
+
+
+def test_one_parser_of_attn_words_and_stage_letters():
+    assert parse_attn("sla", 3) == ["sla"] * 3 and parse_attn("softmax", 1) == ["softmax"]
+    assert parse_attn("llSs", 4) == ["sla", "sla", "softmax", "softmax"]
+    assert attn_letters(parse_attn("LSLS", 4)) == "LSLS"
+    for bad in ("LLX", "LLL", "linear", None):
+        with pytest.raises(ValueError, match="one per stage"):
+            parse_attn(bad, 2 if bad == "LLL" else 3)
+    with pytest.raises(ValueError, match="form"):
+        get_attn_layer("sla", "diagonal")
 
 
 def test_linear_attention_shape_errors():

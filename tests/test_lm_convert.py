@@ -1,6 +1,7 @@
 """Converting a pretrained LLaMA: least-squares calibration (first-token map included), distillation,
 `slab convert-lm --model DIR|GGUF` round trips and its bad-input errors."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import slab
 from slab.cli import main
-from slab.layers.norm import PRepBN
+from slab.layers.norm import PRepBN, RMSNorm
 from slab.lm import SlabLlamaForCausalLM, data
 from slab.lm.convert import (LeastSquares, set_fitted_map, calibrate_repbn, distillation_loss, residual_bounds,
                               residual_guard)
@@ -47,8 +48,7 @@ def llama_with_spread_token_scales(tok):
 
 def test_least_squares_fit_is_exact_where_rmsnorm_is_linear():
     torch.manual_seed(0)
-    norm = PRepBN(16, ln="rmsnorm", alpha_init=0.0)
-    norm.repbn = CausalRepBN(16, first_token_affine=True)
+    norm = PRepBN(16, ln_layer=RMSNorm, bn_layer=partial(CausalRepBN, first_token_affine=True))
     with torch.no_grad():
         norm.ln.weight.copy_(torch.rand(16) + 0.5)
     # every token at one RMS (3), the first tokens at another (300): RMSNorm is linear on each group

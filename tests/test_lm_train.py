@@ -1,5 +1,6 @@
 """Language-model data, tokenizer, training loop (resume, NaN guard, checkpoints), BN calibration and CLI."""
 import json
+from functools import partial
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 from conftest import assert_close
 from transformers import AutoModelForCausalLM
 
-from slab.layers.norm import PRepBN, set_prepbn_lambda
+from slab.layers.norm import PRepBN, RepBN, RMSNorm, set_prepbn_lambda
 from slab.lm import SlabLlamaConfig, SlabLlamaForCausalLM, data
 from slab.lm.train import (TrainLMConfig, fit_bn_to_ln, load_checkpoint, perplexity, recalibrate_bn,
                            save_checkpoint, train_lm)
@@ -114,7 +115,7 @@ class _Probe(nn.Module):
     def __init__(self, table):
         super().__init__()
         self.table = table
-        self.norm = PRepBN(table.shape[1], ln="rmsnorm", alpha_init=0.0)
+        self.norm = PRepBN(table.shape[1], ln_layer=RMSNorm, bn_layer=partial(RepBN, alpha_init=0.0))
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
         return self.norm(self.table[input_ids], attention_mask.bool() if attention_mask is not None else None)

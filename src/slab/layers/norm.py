@@ -5,6 +5,7 @@ Layouts: ``"tokens"`` means ``[B, N, C]`` (or any ``[..., C]``), ``"channels"`` 
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -162,15 +163,16 @@ class RepBN(TokenBatchNorm):
         if torch.jit.is_scripting():
             return self.batch_norm(x, mask) + self.alpha * x
         else:
-            return self.repbn_forward(x, mask, self.alpha)
+            return self.anchored_forward(x, mask)
 
-    def repbn_forward(self, x: torch.Tensor, mask: torch.Tensor | None, alpha: torch.Tensor,
-                      inactive_ln: nn.Module | None = None) -> torch.Tensor:
+    def anchored_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                         inactive_ln: nn.Module | None = None) -> torch.Tensor:
         """``BN(x) + alpha * x`` through the fastest applicable kernels.
 
         ``inactive_ln`` (PRepBN's LN branch, unused here) receives exact zero gradients at no cost: its
         parameters enter the fused kernel, or a zero-valued term of the per-channel affine.
         """
+        alpha = self.alpha
         if self._fast_path(x, mask):
             self._check(x)
             if self.training:
@@ -181,6 +183,16 @@ class RepBN(TokenBatchNorm):
             scale, shift = self._eval_affine(alpha)
             return torch.addcmul(shift + _zero_anchor(inactive_ln), x, scale)
         return self.batch_norm(x, mask) + (alpha + _zero_anchor(inactive_ln)) * x
+
+    def fused_mix(self, x: torch.Tensor, ln: nn.Module, lam: torch.Tensor, mask: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+        """Training-mode ``lam * ln(x) + (1 - lam) * RepBN(x)`` as one fused computation (hooks on ``ln`` do not
+        fire), or None where the fused kernels do not apply (``ln`` not an affine LayerNorm, masked statistics,
+        autocast, ...): PRepBN then composes the two branches."""
+        if not (isinstance(ln, nn.LayerNorm) and ln.elementwise_affine and self._fast_path(x, mask)):
+            return None
+        self._check(x)
+        return self.progressive(x, ln.weight, ln.bias, lam, ln.eps)
 
     def progressive(self, x: torch.Tensor, ln_weight, ln_bias, lam: torch.Tensor | None, ln_eps: float,
                     alpha: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,20 +227,25 @@ class PRepBN(nn.Module):
     ``lam`` is not touched by forward(): it is set from outside, by :class:`slab.PRepBNSchedule`
     (driven by the optimizer step) or :func:`set_prepbn_lambda`. While ``lam == 1`` only the LN
     runs (BN statistics are not updated, as in the authors' warm-up); once ``lam == 0`` the LN is not
-    computed at all. ``ln`` is a LayerNorm (vision) or an RMSNorm (language models).
+    computed at all.
+
+    Args:
+        dim: channels C.
+        ln_layer: factory ``dim -> module`` of the LN branch ``self.ln``: a LayerNorm with eps 1e-6 by default
+            (vision; :func:`get_norm_layer` passes its ``'ln'`` factory), an :class:`RMSNorm` in the language models.
+        bn_layer: factory ``dim -> RepBN`` of the BN branch ``self.repbn``: :class:`RepBN` by default (its
+            ``layout`` is this norm's), :class:`slab.lm.norm.CausalRepBN` in the language models.
     """
 
-    def __init__(self, dim: int, ln_eps: float = 1e-6, bn_eps: float = 1e-5, layout: str = "tokens",
-                 alpha_init: float = 1.0, ln: str = "layernorm"):
+    def __init__(self, dim: int, ln_layer: Callable[[int], nn.Module] | None = None,
+                 bn_layer: Callable[[int], RepBN] | None = None):
         super().__init__()
-        if ln not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"ln must be 'layernorm' or 'rmsnorm', got {ln!r}")
-        if layout == "channels" and ln != "layernorm":
-            raise ValueError("the channel layout supports ln='layernorm' only")
         self.dim = dim
-        self.layout = layout
-        self.ln = nn.LayerNorm(dim, eps=ln_eps) if ln == "layernorm" else RMSNorm(dim, eps=ln_eps)
-        self.repbn = RepBN(dim, eps=bn_eps, layout=layout, alpha_init=alpha_init)
+        self.ln = (ln_layer or partial(nn.LayerNorm, eps=1e-6))(dim)
+        self.repbn = (bn_layer or RepBN)(dim)
+        if not isinstance(self.repbn, RepBN):
+            raise TypeError(f"PRepBN's bn_layer must build a RepBN, got {type(self.repbn).__name__}")
+        self.layout = self.repbn.layout
         # A tensor for the mix (so torch.compile does not specialise on every value) and a float for
         # the branch (warm-up / transition / done), both set by set_lambda().
         self.register_buffer("lam", torch.ones(()), persistent=False)
@@ -251,22 +268,14 @@ class PRepBN(nn.Module):
         self._lam = value
         self.lam.fill_(value)
 
-    def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "channels":
-            return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.ln(x)
-
     def _anchored_layer_norm(self, x: torch.Tensor, bias_offset: torch.Tensor | float) -> torch.Tensor:
         """The LN branch with ``bias_offset`` (a zero anchor, see :func:`_zero_anchor`) in its bias."""
         ln = self.ln
         if isinstance(bias_offset, float):
-            return self._layer_norm(x)
-        if not (isinstance(ln, nn.LayerNorm) and ln.elementwise_affine):
-            return self._layer_norm(x) + bias_offset  # RMSNorm has no bias: one elementwise add
-        if self.layout == "channels":
-            x = x.permute(0, 2, 3, 1)
-        y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias + bias_offset, ln.eps)
-        return y.permute(0, 3, 1, 2) if self.layout == "channels" else y
+            return ln(x)
+        if type(ln) is nn.LayerNorm and ln.elementwise_affine:  # a token LayerNorm: the anchor rides in its bias
+            return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias + bias_offset, ln.eps)
+        return ln(x) + bias_offset  # RMSNorm has no bias, the channel LayerNorm permutes: one elementwise add
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, first: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -275,7 +284,7 @@ class PRepBN(nn.Module):
             # TorchScript: the plain composition (the fused kernels and zero anchors are eager-only).
             if not self.training or self._lam <= 0.0:
                 return self.repbn(x, mask)
-            ln_out = self._layer_norm(x)
+            ln_out = self.ln(x)
             if self._lam >= 1.0:
                 return ln_out
             lam = self.lam.to(x.dtype)
@@ -288,23 +297,23 @@ class PRepBN(nn.Module):
         # The inactive branch (RepBN in warm-up, LN in eval and after the transition) is not computed, but
         # its parameters get zero gradients through a zero anchor (no pass over the activations).
         if not self.training or self._lam <= 0.0:
-            if first is None and type(self.repbn).forward is RepBN.forward:
-                return self.repbn.repbn_forward(x, mask, self.repbn.alpha, inactive_ln=self.ln)
-            y = self.repbn(x, mask) if first is None else self.repbn(x, mask, first=first)
+            if first is None:
+                return self.repbn.anchored_forward(x, mask, inactive_ln=self.ln)
+            y = self.repbn(x, mask, first=first)
             anchor = _zero_anchor(self.ln)
-            return y if isinstance(anchor, float) else y + anchor  # a RepBN subclass: one cheap add
+            return y if isinstance(anchor, float) else y + anchor  # the first-token variant: one cheap add
         if self._lam >= 1.0:
             return self._anchored_layer_norm(x, _zero_anchor(self.repbn))
-        plain = not (self.record_branch_gap or first is not None)
-        if plain and isinstance(self.ln, nn.LayerNorm) and self.ln.elementwise_affine and self.repbn._fast_path(x, mask):
-            # Transition: one fused LN + BN + alpha computation (hooks on self.ln do not fire here).
-            self.repbn._check(x)
-            return self.repbn.progressive(x, self.ln.weight, self.ln.bias, self.lam, self.ln.eps)
+        if not (self.record_branch_gap or first is not None):
+            # Transition: one fused LN + BN + alpha computation where the kernels cover it.
+            fused = self.repbn.fused_mix(x, self.ln, self.lam, mask)
+            if fused is not None:
+                return fused
         return self._mix(x, mask, first)
 
     def _mix(self, x: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor:
         """The composed transition mix, recording ``branch_gap`` when asked to."""
-        ln_out = self._layer_norm(x)
+        ln_out = self.ln(x)
         bn_out = self.repbn(x, mask) if first is None else self.repbn(x, mask, first=first)
         lam = self.lam.to(x.dtype)
         if self.record_branch_gap:
@@ -342,8 +351,14 @@ def get_norm_layer(norm: str, ln_eps: float = 1e-6, layout: str = "tokens", alph
     """Factory ``dim -> module`` for ``norm`` in ``{'ln', 'bn', 'repbn', 'prepbn', 'none'}``.
 
     'ln' is LayerNorm (or RMSNorm with ``ln='rmsnorm'``), 'bn' plain BatchNorm on tokens, 'repbn'
-    :class:`RepBN`, 'prepbn' :class:`PRepBN`, 'none' the identity (the norm-free lower bound).
+    :class:`RepBN`, 'prepbn' :class:`PRepBN` built from the 'ln' and 'repbn' factories, 'none' the identity
+    (the norm-free lower bound).
     """
+    if ln not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"ln must be 'layernorm' or 'rmsnorm', got {ln!r}")
+    if layout == "channels" and ln != "layernorm":
+        raise ValueError("the channel layout supports ln='layernorm' only")
+
     def layer_norm(dim: int) -> nn.Module:
         if ln == "rmsnorm":
             return RMSNorm(dim, eps=ln_eps)
@@ -351,11 +366,14 @@ def get_norm_layer(norm: str, ln_eps: float = 1e-6, layout: str = "tokens", alph
             return _ChannelLayerNorm(dim, eps=ln_eps)
         return nn.LayerNorm(dim, eps=ln_eps)
 
+    def repbn(dim: int) -> RepBN:
+        return RepBN(dim, layout=layout, alpha_init=alpha_init)
+
     factories: dict[str, Callable[[int], nn.Module]] = {
         "ln": layer_norm,
         "bn": lambda dim: TokenBatchNorm(dim, layout=layout),
-        "repbn": lambda dim: RepBN(dim, layout=layout, alpha_init=alpha_init),
-        "prepbn": lambda dim: PRepBN(dim, ln_eps=ln_eps, layout=layout, alpha_init=alpha_init, ln=ln),
+        "repbn": repbn,
+        "prepbn": lambda dim: PRepBN(dim, ln_layer=layer_norm, bn_layer=repbn),
         "none": lambda dim: nn.Identity(),
     }
     if norm not in factories:

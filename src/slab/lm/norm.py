@@ -8,11 +8,13 @@ is the same whatever was used in training.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from ..layers.norm import PRepBN, RepBN
+from ..layers.norm import PRepBN, RepBN, RMSNorm
 from ..reparam.fold import NotFoldableError, fold_into_consumers, norm_affine
 from .configuration_slab_llama import BN_STATS, SlabLlamaConfig
 
@@ -185,15 +187,13 @@ def make_norm(config: SlabLlamaConfig) -> nn.Module:
         if config.first_token_affine:  # the fused form: an identity-initialised first-token affine, loaded after
             return FirstTokenAffine(torch.ones(dim), torch.zeros(dim))
         return nn.Identity()
-    repbn = CausalRepBN(dim, eps=config.bn_eps, momentum=config.bn_momentum, alpha_init=config.repbn_alpha_init,
-                        stats=config.bn_stats, first_token_affine=config.first_token_affine,
-                        causal_prior=config.bn_causal_prior)
+    repbn = partial(CausalRepBN, eps=config.bn_eps, momentum=config.bn_momentum, alpha_init=config.repbn_alpha_init,
+                    stats=config.bn_stats, first_token_affine=config.first_token_affine,
+                    causal_prior=config.bn_causal_prior)
     if config.norm == "repbn":
-        return repbn
-    prepbn = PRepBN(dim, ln_eps=config.rms_norm_eps, bn_eps=config.bn_eps, alpha_init=config.repbn_alpha_init,
-                    ln="rmsnorm")
-    prepbn.repbn = repbn
-    return prepbn
+        return repbn(dim)
+    # PRepBN's LN branch is slab's RMSNorm (F.rms_norm); the plain 'rmsnorm' model keeps LLaMA's own module.
+    return PRepBN(dim, ln_layer=partial(RMSNorm, eps=config.rms_norm_eps), bn_layer=repbn)
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, first: torch.Tensor | None = None

@@ -4,7 +4,7 @@ Paper: "SLAB: Efficient Transformers with Simplified Linear Attention and Progre
 Re-parameterized Batch Normalization" (Guo et al., ICML 2024), on CSwin ("CSWin Transformer: A General
 Vision Transformer Backbone with Cross-Shaped Windows", Dong et al., CVPR 2022).
 
-One class, forms chosen by ``norm=`` and ``attn_type=`` (one letter per stage):
+One class, forms chosen by ``norm=`` and ``attn=`` / ``attn_type=`` (a word, or one letter per stage):
 * ``S``: softmax attention inside stripes, with LePE (a depthwise 3x3 conv on V, added to the output).
   A stage splits its channels into two branches, ``attns.0`` on vertical stripes (full height,
   ``split_size`` wide) and ``attns.1`` on horizontal ones; a stage whose stripe covers the whole map
@@ -23,20 +23,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import grid_to_values, merge_heads, resize_positional_encoding, split_heads, values_to_grid
+from ..layers.attention import (SLACore, attn_letters, get_attn_layer, head_dim_of, merge_heads, parse_attn,
+                                register_attn_layer, resize_positional_encoding, split_heads)
 from ..layers.norm import get_norm_layer
-from ..ops.linear_attention import linear_attention
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["CSwinTransformer", "checkpoint_filter_fn"]
 
-ATTN_LETTERS = {"L": "sla", "S": "softmax"}
 ORIENTATIONS = ("full", "vertical", "horizontal")
 
 
@@ -83,10 +82,8 @@ class _StripeBranch(nn.Module):
         super().__init__()
         if orientation not in ORIENTATIONS:
             raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
-        if dim % num_heads:
-            raise ValueError(f"branch dim {dim} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim_of(dim, num_heads)
         self.orientation = orientation
         self.split_size = split_size
         # LePE: depthwise 3x3 conv on V within each stripe, added to the attention output.
@@ -103,13 +100,16 @@ class _StripeBranch(nn.Module):
         return f"heads={self.num_heads}, orientation={self.orientation!r}, split_size={self.split_size}"
 
 
+@register_attn_layer("stripe", "softmax")
 class StripeSoftmaxAttention(_StripeBranch):
     """Softmax attention within stripes plus LePE (CSwin's ``LePEAttention``).
 
     ``forward(q, k, v)``: each ``[B, H, W, C]`` (H, W multiples of the stripe shape) -> ``[B, H, W, C]``.
+    ``grid_size`` and ``kernel_size`` are SLA's (unused here: one constructor for both kinds of a form).
     """
 
-    def __init__(self, dim: int, num_heads: int, orientation: str, split_size: int, attn_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, orientation: str, split_size: int,
+                 grid_size: tuple[int, int] = (7, 7), kernel_size: int = 5, attn_drop: float = 0.0):
         super().__init__(dim, num_heads, orientation, split_size)
         self.attn_drop = attn_drop
 
@@ -123,40 +123,33 @@ class StripeSoftmaxAttention(_StripeBranch):
         return _from_stripes(merge_heads(out) + lepe, hs, ws, h, w)
 
 
-class StripeLinearAttention(_StripeBranch):
-    """SLA within stripes: ``relu`` kernel linear attention with ``K += P``, plus the SLA DWC (``head_dim``
-    channels, shared by heads) and the LePE conv on V.
+@register_attn_layer("stripe", "sla")
+class StripeLinearAttention(SLACore, _StripeBranch):
+    """SLA within stripes (:class:`slab.layers.attention.SLACore` over each stripe's grid), plus the LePE
+    conv on V.
 
     Args:
         dim, num_heads: channels and heads of this branch.
         orientation, split_size: stripe geometry (see :class:`_StripeBranch`).
-        pe_hw: the stripe grid the positional encoding is made for (resized for other stripe shapes).
-        kernel_size: DWC kernel (5 in the paper).
+        grid_size: the stripe grid the positional encoding is made for (resized for other stripe shapes).
+        kernel_size: DWC kernel (5 in the paper). attn_drop: unused (no attention matrix).
     """
 
-    def __init__(self, dim: int, num_heads: int, orientation: str, split_size: int, pe_hw: tuple[int, int],
-                 kernel_size: int = 5):
+    def __init__(self, dim: int, num_heads: int, orientation: str, split_size: int,
+                 grid_size: tuple[int, int] = (7, 7), kernel_size: int = 5, attn_drop: float = 0.0):
         super().__init__(dim, num_heads, orientation, split_size)
-        self.pe_hw = tuple(pe_hw)
-        self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2,
-                             groups=self.head_dim)
-        self.positional_encoding = nn.Parameter(torch.zeros(1, self.pe_hw[0] * self.pe_hw[1], dim))
+        self.init_sla(dim, num_heads, grid_size, kernel_size)
         # The authors' checkpoints hold a per-channel ``scale`` (a leftover of focused linear attention)
         # that their SLA forward never reads: a buffer, so their files load strictly, and no parameter
         # goes without a gradient (DDP, timm's contract).
         self.register_buffer("scale", torch.zeros(1, 1, dim))
-        trunc_normal_(self.positional_encoding, std=0.02)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         h, w = q.shape[1:3]
         hs, ws = self.stripe_shape(h, w)
         q, k, v = _to_stripes(q, hs, ws), _to_stripes(k, hs, ws), _to_stripes(v, hs, ws)
-        k = k + resize_positional_encoding(self.positional_encoding, self.pe_hw, (hs, ws))
         lepe = self.get_v(_stripe_grid(v, hs, ws)).flatten(2).transpose(1, 2)
-        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
-        dwc = grid_to_values(self.dwc(values_to_grid(v, (hs, ws))), self.num_heads)
-        out = linear_attention(q, k, v) + dwc
-        return _from_stripes(merge_heads(out) + lepe, hs, ws, h, w)
+        return _from_stripes(self.sla(q, k, v, (hs, ws), (hs, ws)) + lepe, hs, ws, h, w)
 
 
 @register_notrace_function  # pads by the run-time feature-map size
@@ -187,8 +180,7 @@ class CSwinBlock(nn.Module):
                  norm_layer, mlp_ratio: float = 4.0, qkv_bias: bool = True, whole_map: bool = False,
                  sla_kernel_size: int = 5, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        if attn not in ATTN_LETTERS.values():
-            raise ValueError(f"attn must be 'sla' or 'softmax', got {attn!r}")
+        attn_layer = get_attn_layer(attn, "stripe")
         self.dim = dim
         self.split_size = None if whole_map else split_size
         self.norm1 = norm_layer(dim)
@@ -202,12 +194,8 @@ class CSwinBlock(nn.Module):
             hp, wp = (math.ceil(s / split_size) * split_size for s in grid)
             specs = [(dim // 2, num_heads // 2, "vertical", (hp, split_size)),
                      (dim // 2, num_heads // 2, "horizontal", (split_size, wp))]
-        if attn == "sla":
-            self.attns = nn.ModuleList([StripeLinearAttention(d, h, o, split_size, pe_hw, sla_kernel_size)
-                                        for d, h, o, pe_hw in specs])
-        else:
-            self.attns = nn.ModuleList([StripeSoftmaxAttention(d, h, o, split_size, attn_drop)
-                                        for d, h, o, _ in specs])
+        self.attns = nn.ModuleList([attn_layer(d, h, o, split_size, grid_size=pe_grid, kernel_size=sla_kernel_size,
+                                               attn_drop=attn_drop) for d, h, o, pe_grid in specs])
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -306,14 +294,7 @@ class CSwinTransformer(nn.Module):
                  ln_eps: float = 1e-5, sla_kernel_size: int = 5, global_pool: str = "avg", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
-        if attn is not None:
-            if attn not in ("sla", "softmax"):
-                raise ValueError(f"attn must be 'sla' or 'softmax' (or give attn_type, e.g. 'LLSS'), got {attn!r}")
-            attn_type = ("L" if attn == "sla" else "S") * 4
-        attn_type = str(attn_type).upper()
-        if len(attn_type) != 4 or any(a not in ATTN_LETTERS for a in attn_type):
-            raise ValueError(f"attn_type needs one letter per stage from {sorted(ATTN_LETTERS)} (e.g. 'LLSS'), "
-                             f"got {attn_type!r}")
+        stage_attn = parse_attn(attn if attn is not None else attn_type, 4)
         depth, num_heads = tuple(depth), tuple(num_heads)
         if len(depth) != 4 or len(num_heads) != 4:
             raise ValueError(f"depth and num_heads need 4 entries, got {depth} and {num_heads}")
@@ -325,7 +306,7 @@ class CSwinTransformer(nn.Module):
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
         self.global_pool = global_pool
         self.output_fmt = "NHWC"
-        self.norm_kind, self.attn_type = norm, attn_type
+        self.norm_kind, self.attn_type = norm, attn_letters(stage_attn)
         self.grad_checkpointing = False
         dims = [embed_dim * 2 ** i for i in range(4)]
         self.embed_dim = embed_dim
@@ -340,7 +321,7 @@ class CSwinTransformer(nn.Module):
         dpr = drop_path_rates(drop_path_rate, sum(depth))
         self.split_sizes = []
         for i in range(4):
-            kind = ATTN_LETTERS[attn_type[i]]
+            kind = stage_attn[i]
             split = la_split_size[i] if kind == "sla" else split_size[i]
             whole = i == 3 or split >= max(grids[i])
             self.split_sizes.append(None if whole else split)
@@ -496,7 +477,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CSwinTransf
         else:
             src_hw = None
         if src_hw is not None and src.shape[-1] == module.positional_encoding.shape[-1]:
-            out[key] = resize_positional_encoding(src, src_hw, module.pe_hw)
+            out[key] = resize_positional_encoding(src, src_hw, module.grid_size)
     return out
 
 

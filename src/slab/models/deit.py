@@ -17,15 +17,13 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import SimplifiedLinearAttention, SoftmaxAttention
+from ..layers.attention import get_attn_layer, parse_attn
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["SlabVisionTransformer", "checkpoint_filter_fn"]
-
-ATTN_CHOICES = ("softmax", "sla")
 
 
 class Block(nn.Module):
@@ -36,11 +34,8 @@ class Block(nn.Module):
                  drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        if attn == "sla":
-            self.attn = SimplifiedLinearAttention(dim, num_heads, qkv_bias=qkv_bias, grid_size=grid_size,
-                                                  kernel_size=sla_kernel_size, proj_drop=drop)
-        else:
-            self.attn = SoftmaxAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = get_attn_layer(attn, "global")(dim, num_heads, grid_size=grid_size, qkv_bias=qkv_bias,
+                                                   kernel_size=sla_kernel_size, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -82,8 +77,7 @@ class SlabVisionTransformer(nn.Module):
                  sla_kernel_size: int = 5, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, authors_unused_class_token: bool = False):
         super().__init__()
-        if attn not in ATTN_CHOICES:
-            raise ValueError(f"attn must be one of {ATTN_CHOICES}, got {attn!r}")
+        attn = parse_attn(attn, 1)[0]
         if global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool must be 'token', 'avg' or '' (no pooling), got {global_pool!r}")
         if global_pool == "token" and not class_token:

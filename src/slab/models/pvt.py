@@ -10,7 +10,8 @@ spatial reduction: queries from every token, keys/values from the tokens after a
 conv ``sr`` (kernel = stride = ``sr_ratio``) and its own ``norm``. The classifier averages the last
 stage's tokens (no class token, no final norm, as in the authors' models).
 
-Forms, all from one class through ``norm=`` and ``attn_type=`` (one letter per stage):
+Forms, all from one class through ``norm=`` and ``attn=`` / the authors' ``attn_type=`` (a word, or one letter
+per stage):
 * ``pvt_*_prepbn``: softmax attention everywhere (``'SSSS'``), PRepBN norms;
 * ``slab_pvt_*``: SLA everywhere (``'LLLL'``) with ``la_sr_ratios='1111'`` (no spatial reduction in SLA);
 * any of them with ``norm='ln'`` is the LayerNorm baseline, ``norm='none'`` the norm-free bound.
@@ -30,30 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
-from timm.models import generate_default_cfgs, register_model, register_notrace_function
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import (check_grid, grid_to_values, merge_heads, resize_positional_encoding, split_heads,
-                                values_to_grid)
+from ..layers.attention import (SLACore, attn_letters, get_attn_layer, head_dim_of, merge_heads, parse_attn,
+                                register_attn_layer, resize_positional_encoding, split_heads)
 from ..layers.norm import get_norm_layer
-from ..ops.linear_attention import linear_attention
 from ..reparam.fold import fold_into_consumers, fold_into_producer
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "SpatialReductionLinearAttention",
-           "checkpoint_filter_fn", "parse_attn_type", "parse_ratios"]
-
-ATTN_LETTERS = {"S": "softmax", "L": "sla"}
-
-
-def parse_attn_type(attn_type: str, num_stages: int) -> list[str]:
-    """``'LLSS'`` -> ``['sla', 'sla', 'softmax', 'softmax']`` (one letter per stage: L = SLA, S = softmax)."""
-    valid = isinstance(attn_type, str) and len(attn_type) == num_stages
-    if not valid or any(c not in ATTN_LETTERS for c in attn_type.upper()):
-        raise ValueError(f"attn_type must be a string of {num_stages} letters from 'L' (SLA) and 'S' (softmax), "
-                         f"one per stage, e.g. {'L' * num_stages!r}; got {attn_type!r}")
-    return [ATTN_LETTERS[c] for c in attn_type.upper()]
+           "checkpoint_filter_fn", "parse_ratios"]
 
 
 def parse_ratios(ratios, num_stages: int, name: str) -> list[int]:
@@ -79,11 +68,9 @@ class _SpatialReduction(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, sr_ratio: int, norm_layer, proj_drop: float):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim_of(dim, num_heads)
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
@@ -113,6 +100,7 @@ class _SpatialReduction(nn.Module):
         return self
 
 
+@register_attn_layer("spatial_reduction", "softmax")
 class SpatialReductionAttention(_SpatialReduction):
     """PVT softmax attention: ``softmax(q k^T / sqrt(d)) v`` with K/V from the (reduced) tokens.
 
@@ -120,10 +108,12 @@ class SpatialReductionAttention(_SpatialReduction):
         dim: channels C. num_heads: heads. qkv_bias: bias of ``q`` and ``kv``.
         sr_ratio: kernel and stride of the reduction conv ``sr`` (1: none).
         norm_layer: factory of the norm after ``sr``.
+        grid_size, kernel_size: SLA's (unused here: one constructor for both kinds of a form).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1, norm_layer=nn.LayerNorm,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, **_unused):
+                 grid_size: tuple[int, int] = (56, 56), kernel_size: int = 5, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__(dim, num_heads, qkv_bias, sr_ratio, norm_layer, proj_drop)
         self.attn_drop = attn_drop
 
@@ -136,55 +126,33 @@ class SpatialReductionAttention(_SpatialReduction):
         return self.proj_drop(self.proj(merge_heads(out)))
 
 
-class SpatialReductionLinearAttention(_SpatialReduction):
+@register_attn_layer("spatial_reduction", "sla")
+class SpatialReductionLinearAttention(SLACore, _SpatialReduction):
     """SLA in PVT form: K/V from the (reduced) tokens, ``positional_encoding`` added to K, DWC on V.
 
     Args:
         dim, num_heads, qkv_bias, norm_layer: as :class:`SpatialReductionAttention`.
         sr_ratio: the SLA reduction (the authors' ``la_sr_ratios``; 1 in the released models).
         grid_size: the token grid ``(H, W)`` at the training resolution; ``positional_encoding`` is laid on
-            the reduced grid ``(H // sr_ratio, W // sr_ratio)`` and resized bilinearly for other grids.
-        kernel_size: DWC kernel (5 in the authors' models).
+            the reduced grid ``(H // sr_ratio, W // sr_ratio)`` (its ``grid_size``) and resized for other grids.
+        kernel_size: DWC kernel (5 in the authors' models). attn_drop: unused (no attention matrix).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1, norm_layer=nn.LayerNorm,
-                 grid_size: tuple[int, int] = (56, 56), kernel_size: int = 5, proj_drop: float = 0.0, **_unused):
+                 grid_size: tuple[int, int] = (56, 56), kernel_size: int = 5, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__(dim, num_heads, qkv_bias, sr_ratio, norm_layer, proj_drop)
-        self.kv_grid_size = (grid_size[0] // sr_ratio, grid_size[1] // sr_ratio)
-        self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2, groups=self.head_dim)
-        self.positional_encoding = nn.Parameter(torch.zeros(1, self.kv_grid_size[0] * self.kv_grid_size[1], dim))
-        trunc_normal_(self.positional_encoding, std=0.02)
+        self.init_sla(dim, num_heads, (grid_size[0] // sr_ratio, grid_size[1] // sr_ratio), kernel_size)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        n = x.shape[1]
-        if not torch.jit.is_scripting():
-            check_grid(n, hw)
-        q = self.q(x)
         src, kv_hw = self.reduce(x, hw)
         k, v = self.kv(src).chunk(2, dim=-1)
-        k = k + resize_positional_encoding(self.positional_encoding, self.kv_grid_size, kv_hw)
-        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
-        out = linear_attention(q, k, v)
-        out = out + grid_to_values(self.dwc(values_to_grid(values_on_tokens(v, n), hw)), self.num_heads)
-        return self.proj_drop(self.proj(merge_heads(out)))
-
-
-@register_notrace_function  # compares token counts known only at run time
-def values_on_tokens(v: torch.Tensor, n: int) -> torch.Tensor:
-    """Values ``[B, h, M, d]`` of a reduced grid, linearly interpolated along the sequence to ``n`` tokens."""
-    if v.shape[2] == n:
-        return v
-    b, h, m, d = v.shape
-    v = F.interpolate(v.transpose(-2, -1).reshape(b * h, d, m), size=n, mode="linear")
-    return v.reshape(b, h, d, n).transpose(-2, -1)
+        return self.proj_drop(self.proj(self.sla(self.q(x), k, v, kv_hw, hw)))
 
 
 def tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """``[B, N, C]`` tokens of an ``hw`` grid -> ``[B, C, H, W]``."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
-
-
-ATTN_LAYERS = {"softmax": SpatialReductionAttention, "sla": SpatialReductionLinearAttention}
 
 
 class Mlp(nn.Module):
@@ -215,9 +183,9 @@ class Block(nn.Module):
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = ATTN_LAYERS[attn](dim, num_heads, qkv_bias=qkv_bias, sr_ratio=sr_ratio, norm_layer=norm_layer,
-                                      grid_size=grid_size, kernel_size=sla_kernel_size, attn_drop=attn_drop,
-                                      proj_drop=drop)
+        self.attn = get_attn_layer(attn, "spatial_reduction")(
+            dim, num_heads, qkv_bias=qkv_bias, sr_ratio=sr_ratio, norm_layer=norm_layer, grid_size=grid_size,
+            kernel_size=sla_kernel_size, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=drop)
@@ -273,7 +241,8 @@ class PyramidVisionTransformer(nn.Module):
         in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qkv_bias, depths: as in PVT.
         sr_ratios: K/V reduction of the softmax stages. la_sr_ratios: K/V reduction of the SLA stages
             (list or the authors' digit string, ``'1111'``).
-        attn_type: one letter per stage, ``L`` = SLA, ``S`` = softmax.
+        attn_type: one letter per stage, ``L`` = SLA, ``S`` = softmax (the authors' argument).
+        attn: ``'sla'`` / ``'softmax'`` for every stage, or letters as ``attn_type`` (overrides it when given).
         norm: norm of patch embeddings, blocks and reductions. ln_eps: LayerNorm eps (1e-6).
         sla_kernel_size: DWC kernel of SLA.
     """
@@ -284,7 +253,7 @@ class PyramidVisionTransformer(nn.Module):
                  qkv_bias: bool = True, depths: tuple[int, ...] = (2, 2, 2, 2), sr_ratios=(8, 4, 2, 1),
                  attn_type: str = "SSSS", la_sr_ratios="1111", norm: str = "prepbn", ln_eps: float = 1e-6,
                  sla_kernel_size: int = 5, global_pool: str = "avg", drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn: str | None = None):
         super().__init__()
         num_stages = len(depths)
         for name, value in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios)):
@@ -292,7 +261,7 @@ class PyramidVisionTransformer(nn.Module):
                 raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {list(value)}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        attns = parse_attn_type(attn_type, num_stages)
+        attns = parse_attn(attn if attn is not None else attn_type, num_stages)
         sr_ratios = parse_ratios(sr_ratios, num_stages, "sr_ratios")
         la_sr_ratios = parse_ratios(la_sr_ratios, num_stages, "la_sr_ratios")
         reductions = [la if a == "sla" else sr for a, sr, la in zip(attns, sr_ratios, la_sr_ratios)]
@@ -309,7 +278,7 @@ class PyramidVisionTransformer(nn.Module):
         self.embed_dims = list(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_stages = num_stages
-        self.norm_kind, self.attn_type = norm, attn_type.upper()
+        self.norm_kind, self.attn_type = norm, attn_letters(attns)
         self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
         norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
         dpr = drop_path_rates(drop_path_rate, sum(depths))
@@ -475,7 +444,7 @@ def resize_checkpoint_encodings(state_dict: dict[str, torch.Tensor], model: nn.M
         if key.startswith("pos_embed"):
             dst = model.grid_sizes[int(key[len("pos_embed"):]) - 1]
         else:
-            dst = module.kv_grid_size
+            dst = module.grid_size
         if side * side == value.shape[1] and dst[0] * dst[1] == target.shape[1]:
             out[key] = resize_positional_encoding(value, (side, side), dst)
     return out

@@ -19,11 +19,12 @@ import torch.utils.checkpoint
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..layers.attention import attn_letters, parse_attn
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_producer
 from ._authors import authors_cfg, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
-from .pvt import (Block, authors_args, parse_attn_type, parse_ratios, resize_checkpoint_encodings, stage_input_multiple,
+from .pvt import (Block, authors_args, parse_ratios, resize_checkpoint_encodings, stage_input_multiple,
                   tokens_to_map)
 
 __all__ = ["PyramidVisionTransformerV2", "checkpoint_filter_fn"]
@@ -86,7 +87,9 @@ class PyramidVisionTransformerV2(nn.Module):
         patch_size: unused by the architecture beyond the authors' signature: stage 1 is a 7x7 stride-4 conv,
             later stages 3x3 stride 2 (kept so the authors' records map one to one).
         in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qkv_bias, depths, sr_ratios: as in PVT v2.
-        attn_type: one letter per stage, ``L`` = SLA, ``S`` = softmax. la_sr_ratios: K/V reduction of SLA stages.
+        attn_type: one letter per stage, ``L`` = SLA, ``S`` = softmax (the authors' argument). la_sr_ratios: K/V
+            reduction of SLA stages.
+        attn: ``'sla'`` / ``'softmax'`` for every stage, or letters as ``attn_type`` (overrides it when given).
         norm: every norm (patch embeddings, blocks, reductions, stage ends). ln_eps: LayerNorm eps (1e-6).
         sla_kernel_size: DWC kernel of SLA.
     """
@@ -97,7 +100,7 @@ class PyramidVisionTransformerV2(nn.Module):
                  qkv_bias: bool = True, depths: tuple[int, ...] = (3, 4, 6, 3), sr_ratios=(8, 4, 2, 1),
                  attn_type: str = "SSSS", la_sr_ratios="1111", norm: str = "prepbn", ln_eps: float = 1e-6,
                  sla_kernel_size: int = 5, global_pool: str = "avg", drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn: str | None = None):
         super().__init__()
         num_stages = len(depths)
         for name, value in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios)):
@@ -105,7 +108,7 @@ class PyramidVisionTransformerV2(nn.Module):
                 raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {list(value)}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        attns = parse_attn_type(attn_type, num_stages)
+        attns = parse_attn(attn if attn is not None else attn_type, num_stages)
         sr_ratios = parse_ratios(sr_ratios, num_stages, "sr_ratios")
         la_sr_ratios = parse_ratios(la_sr_ratios, num_stages, "la_sr_ratios")
         reductions = [la if a == "sla" else sr for a, sr, la in zip(attns, sr_ratios, la_sr_ratios)]
@@ -122,7 +125,7 @@ class PyramidVisionTransformerV2(nn.Module):
         self.embed_dims = list(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_stages = num_stages
-        self.norm_kind, self.attn_type = norm, attn_type.upper()
+        self.norm_kind, self.attn_type = norm, attn_letters(attns)
         self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
         norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
         dpr = drop_path_rates(drop_path_rate, sum(depths))

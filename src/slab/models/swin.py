@@ -40,27 +40,17 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
-from ..layers.attention import SimplifiedLinearAttention, resize_positional_encoding
+from ..layers.attention import (SimplifiedLinearAttention, attn_letters, get_attn_layer, head_dim_of, parse_attn,
+                                register_attn_layer, resize_positional_encoding)
 from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, drop_keys, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
 
-__all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging", "checkpoint_filter_fn",
-           "parse_attn_type"]
+__all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging", "checkpoint_filter_fn"]
 
-ATTN_LETTERS = {"S": "softmax", "L": "sla"}
-
-
-def parse_attn_type(attn_type: str, num_stages: int) -> list[str]:
-    """``'LLSS'`` -> ``['sla', 'sla', 'softmax', 'softmax']``; also ``'softmax'`` / ``'sla'`` for every stage."""
-    if attn_type in ("softmax", "sla"):
-        return [attn_type] * num_stages
-    if not isinstance(attn_type, str) or len(attn_type) != num_stages or \
-            any(c not in ATTN_LETTERS for c in attn_type.upper()):
-        raise ValueError(f"attn_type must be 'softmax', 'sla' or a string of {num_stages} letters from 'L' (SLA) and "
-                         f"'S' (softmax), one per stage, e.g. 'LLSS'; got {attn_type!r}")
-    return [ATTN_LETTERS[c] for c in attn_type.upper()]
+# SLA in a window is SLA over the window's grid: the global layer serves windows unchanged.
+register_attn_layer("window", "sla")(SimplifiedLinearAttention)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -152,20 +142,21 @@ def shifted_window_mask(hw: tuple[int, int], window: tuple[int, int], shift: tup
     return mask.masked_fill(mask != 0, -100.0)  # Swin's value (a literal: TorchScript reads no float globals)
 
 
+@register_attn_layer("window", "softmax")
 class WindowAttention(nn.Module):
     """Softmax attention inside windows with a learned relative position bias (Swin's W-MSA).
 
-    ``window`` is the size the bias table is made for (``(2wh-1)(2ww-1)`` entries per head); other
-    window sizes are served by :func:`resize_bias_table`.
+    ``grid_size`` is the window the bias table is made for (``(2wh-1)(2ww-1)`` entries per head, kept as
+    ``self.window``); other window sizes are served by :func:`resize_bias_table`. ``kernel_size`` is SLA's
+    (unused here: one constructor for both kinds of a form).
     """
 
-    def __init__(self, dim: int, num_heads: int, window: tuple[int, int], qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, grid_size: tuple[int, int], qkv_bias: bool = True,
+                 kernel_size: int = 5, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        head_dim_of(dim, num_heads)
         self.num_heads = num_heads
-        self.window = _pair(window)
+        self.window = _pair(grid_size)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * self.window[0] - 1) * (2 * self.window[1] - 1), num_heads))
         self.register_buffer("relative_position_index", relative_position_index(self.window), persistent=False)
@@ -185,9 +176,11 @@ class WindowAttention(nn.Module):
             index = relative_position_index(window, device=table.device)
         return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, window: tuple[int, int], mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``[B * nW, N, C]`` windows; ``mask``: ``[nW, N, N]`` or None. Returns ``[B * nW, N, C]``."""
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``[B * nW, N, C]`` windows of the ``hw`` window; ``attn_mask``: ``[nW, N, N]`` or None.
+        Returns ``[B * nW, N, C]``."""
         bw, n, c = x.shape
+        window, mask = hw, attn_mask
         nw = 1 if mask is None else mask.shape[0]
         heads, d = self.num_heads, c // self.num_heads
         # [3, B, nW * heads, N, d]: windows and heads share one dim, so the bias broadcasts over B.
@@ -215,28 +208,19 @@ class SwinBlock(nn.Module):
             positional encoding (as the authors' checkpoints store them).
         attn: ``'softmax'`` or ``'sla'``.
     """
-    # A constant for TorchScript: it compiles only the call of the attention this block has.
-    uses_sla: torch.jit.Final[bool]
-
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: bool, built_hw: tuple[int, int],
                  attn: str = "softmax", mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_layer=nn.LayerNorm,
                  sla_kernel_size: int = 5, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        if attn not in ATTN_LETTERS.values():
-            raise ValueError(f"attn must be 'softmax' or 'sla', got {attn!r}")
+        attn_layer = get_attn_layer(attn, "window")
         self.dim = dim
         self.window_size = int(window_size)
         self.shift = bool(shift) and attn == "softmax"
         self.attn_kind = attn
-        self.uses_sla = attn == "sla"
         built_window, _ = self.window_shift(built_hw)
         self.norm1 = norm_layer(dim)
-        if attn == "sla":
-            self.attn = SimplifiedLinearAttention(dim, num_heads, qkv_bias=qkv_bias, grid_size=built_window,
-                                                  kernel_size=sla_kernel_size, proj_drop=drop)
-        else:
-            self.attn = WindowAttention(dim, num_heads, built_window, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                        proj_drop=drop)
+        self.attn = attn_layer(dim, num_heads, grid_size=built_window, qkv_bias=qkv_bias, kernel_size=sla_kernel_size,
+                               attn_drop=attn_drop, proj_drop=drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -271,11 +255,9 @@ class SwinBlock(nn.Module):
         shifted = shift[0] != 0 or shift[1] != 0
         if shifted:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = window_partition(x, window)
-        if self.uses_sla:
-            windows = self.attn(windows, window)
-        else:
-            windows = self.attn(windows, window, self._mask((h, w), (hp, wp), window, shift, x.device))
+        # SLA blocks never shift (``self.shift`` is False for them), so their mask is None.
+        windows = self.attn(window_partition(x, window), window,
+                            self._mask((h, w), (hp, wp), window, shift, x.device))
         x = window_reverse(windows, window, (hp, wp))
         if shifted:
             x = torch.roll(x, shifts=shift, dims=(1, 2))
@@ -392,7 +374,7 @@ class SlabSwinTransformer(nn.Module):
         depths, num_heads = tuple(depths), tuple(num_heads)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {depths} and num_heads {num_heads} must have one entry per stage")
-        stage_attn = parse_attn_type(attn if attn is not None else attn_type, len(depths))
+        stage_attn = parse_attn(attn if attn is not None else attn_type, len(depths))
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         img_size = _pair(img_size)
@@ -407,7 +389,7 @@ class SlabSwinTransformer(nn.Module):
         self.num_layers = len(depths)
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (self.num_layers - 1)
         self.norm_kind = norm
-        self.attn_type = "".join("L" if a == "sla" else "S" for a in stage_attn)
+        self.attn_type = attn_letters(stage_attn)
         self.output_fmt = "NHWC"
         norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
 
