@@ -185,12 +185,14 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
     model = SlabLlamaForCausalLM.from_llama(llama, norm="prepbn", bn_stats=args.bn_stats,
                                             first_token_affine=not args.no_first_token_affine).to(device)
     transition = args.prepbn_transition
-    if args.init == "calibrate":
+    # The calibration batches: the fit of every RepBN, and the original's peaks that bound --residual-guard
+    # (at least one batch, also with --init zero, which calibrates nothing).
+    calib = train_ids[: max(1, args.calib_batches) * bs]
+    calib_batches = [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)]
+    if args.init == "calibrate":  # _check_args: --calib-batches >= 1 here
         t0 = time.time()
-        calib = train_ids[: args.calib_batches * bs]
-        fits = calibrate_repbn(model, llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
-                               sequential=True, refit_ridge=args.refit_ridge, local_steps=args.local_steps,
-                               local_lr=args.local_lr)
+        fits = calibrate_repbn(model, llama, calib_batches, sequential=True, refit_ridge=args.refit_ridge,
+                               local_steps=args.local_steps, local_lr=args.local_lr)
         results["calibration"] = {"seconds": time.time() - t0, "tokens": int(calib.numel()),
                                   "refit_ridge": args.refit_ridge, "local_steps": args.local_steps,
                                   "local_lr": args.local_lr,
@@ -208,10 +210,7 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         t0 = time.time()
         guard = contextlib.nullcontext()
         if args.residual_guard:
-            calib = train_ids[: max(1, args.calib_batches) * bs]
-            bounds = residual_bounds(llama, [(calib[i: i + bs].to(device), None) for i in range(0, calib.shape[0], bs)],
-                                     args.residual_guard)
-            guard = residual_guard(model, bounds)
+            guard = residual_guard(model, residual_bounds(llama, calib_batches, args.residual_guard))
         with guard:
             summary = train_lm(model, train_ids, cfg, out, resume=not args.no_resume, log=log,
                                progress=not args.no_progress, teacher=llama if cfg.distill else None)
@@ -224,12 +223,11 @@ def _convert(args, llama, tokenizer, description, train_ids, eval_ids, out) -> i
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    if args.bn_stats == "frozen":
-        log("BN statistics frozen at their calibration (the model trained is the one that folds): no recalibration")
-    else:
-        n = recalibrate_bn(model, ((train_ids[i * bs:(i + 1) * bs].to(device), None)
-                                   for i in range(min(args.recalibrate_batches, train_ids.shape[0] // bs))))
-        log(f"recalibrated BN statistics over {n} batches")
+    # recalibrate_bn leaves 'frozen' statistics as they were trained (the model that folds)
+    n = recalibrate_bn(model, ((train_ids[i * bs:(i + 1) * bs].to(device), None)
+                               for i in range(min(args.recalibrate_batches, train_ids.shape[0] // bs))))
+    log("BN statistics frozen at their calibration: not recalibrated" if args.bn_stats == "frozen"
+        else f"recalibrated BN statistics over {n} batches")
     results["ppl_converted"] = perplexity(model, eval_ids, batch_size=eval_bs, device=device)
     fused = slab.fuse(model)
     results["ppl_fused"] = perplexity(fused, eval_ids, batch_size=eval_bs, device=device)
