@@ -22,10 +22,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
-from timm.models._features import feature_take_indices
 
 from ..layers.attention import (SLACore, attn_letters, get_attn_layer, head_dim_of, merge_heads, parse_attn,
                                 register_attn_layer, resize_positional_encoding, split_heads)
@@ -33,6 +31,7 @@ from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
+from ._stages import StagedModel
 
 __all__ = ["CSwinTransformer", "checkpoint_filter_fn"]
 
@@ -273,7 +272,7 @@ def parse_split_sizes(value, name: str) -> tuple[int, ...]:
     return value
 
 
-class CSwinTransformer(nn.Module):
+class CSwinTransformer(StagedModel, nn.Module):
     """CSwin with a choice of norm (``ln``/``bn``/``repbn``/``prepbn``/``none``) and per-stage attention.
 
     Args:
@@ -285,7 +284,13 @@ class CSwinTransformer(nn.Module):
         attn_type: one letter per stage, ``L`` = SLA, ``S`` = softmax (``attn='sla'``/``'softmax'`` sets all).
         norm: norm of every block, merge, the conv embed and the final norm.
         ln_eps: LayerNorm eps (1e-5 in CSwin). sla_kernel_size: SLA DWC kernel.
+
+    Stage ``i`` of timm's stage interface (:class:`slab.models._stages.StagedModel`) is ``merge{i}`` (from the
+    second stage on) then the blocks ``stage{i + 1}``.
     """
+
+    stage_output_fmt = "NHWC"
+    has_final_norm = True
 
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 64, depth: tuple[int, ...] = (1, 2, 21, 1), num_heads: tuple[int, ...] = (2, 4, 8, 16),
@@ -345,10 +350,6 @@ class CSwinTransformer(nn.Module):
         return {n for n, _ in self.named_parameters()
                 if n.endswith(("positional_encoding", ".alpha", ".scale"))}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -363,59 +364,24 @@ class CSwinTransformer(nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i > 0:
             x = getattr(self, f"merge{i}")(x)
-        for blk in getattr(self, f"stage{i + 1}"):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return self.run_blocks(getattr(self, f"stage{i + 1}"), x)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             check_image_input(x, self.in_chans, model=type(self).__name__, min_size=3)
         return self.stage1_conv_embed(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs (``NCHW`` or ``NHWC``) for ``indices`` (last n if int, all if None); the final
-        norm is applied to the last stage's output only when ``norm``."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(self.num_stages, indices)
-        x = self._embed(x)
-        last = max_index if stop_early else self.num_stages - 1
-        intermediates = []
-        for i in range(last + 1):
-            x = self._stage(i, x)
-            if i in take:
-                y = self.norm(x) if norm and i == 3 else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if last == 3 else x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last of ``indices`` (and the norm/head); returns the kept indices."""
-        take, max_index = feature_take_indices(self.num_stages, indices)
-        for i in range(max_index + 1, self.num_stages):
+    def _remove_stages(self, keep: int) -> None:
+        # Emptied rather than deleted: the scripted forward names all four stages.
+        for i in range(keep, self.num_stages):
             setattr(self, f"stage{i + 1}", nn.ModuleList())
             setattr(self, f"merge{i}", nn.Identity())
-        self.num_stages = max_index + 1
-        if prune_norm or max_index < 3:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` images -> ``[B, h, w, C']`` normalised last-stage tokens."""
-        x = self._embed(x)
-        if torch.jit.is_scripting():
-            return self.norm(self._scripted_stages(x))
-        for i in range(self.num_stages):
-            x = self._stage(i, x)
-        return self.norm(x)
+        if not torch.jit.is_scripting():
+            return self.final_norm(self.forward_stages(x))
+        return self.norm(self._scripted_stages(self._embed(x)))
 
     def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
         """The four stages under TorchScript, which reads attributes by literal names only: they keep the

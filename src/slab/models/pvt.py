@@ -29,10 +29,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from ..layers.attention import (SLACore, attn_letters, get_attn_layer, head_dim_of, merge_heads, parse_attn,
                                 register_attn_layer, resize_positional_encoding, split_heads)
@@ -40,6 +38,7 @@ from ..layers.norm import get_norm_layer
 from ..reparam.fold import fold_into_consumers, fold_into_producer
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
+from ._stages import StagedModel
 
 __all__ = ["PyramidVisionTransformer", "SpatialReductionAttention", "SpatialReductionLinearAttention",
            "checkpoint_filter_fn", "parse_ratios"]
@@ -232,7 +231,190 @@ def stage_input_multiple(strides: list[int], reductions: list[int]) -> int:
     return multiple
 
 
-class PyramidVisionTransformer(nn.Module):
+class _PyramidBase(StagedModel, nn.Module):
+    """What PVT v1 and v2 share: the per-stage arguments, the stages' blocks, the head and timm's stage interface.
+
+    Stage ``I`` (1-based: the authors' checkpoint keys) is ``patch_embedI`` (:meth:`make_patch_embed`), a position
+    embedding ``pos_embedI`` (v1: ``uses_pos_embed``), the blocks ``blockI`` (MLP ``mlp_layer``) and a norm
+    ``normI`` (v2: ``uses_stage_norms``). The arguments are those of :class:`PyramidVisionTransformer`;
+    ``first_stride`` is the first stage's stride (later stages halve the map).
+    """
+
+    mlp_layer = Mlp
+    uses_pos_embed = False
+    uses_stage_norms = False
+
+    def __init__(self, first_stride: int, img_size, in_chans: int, num_classes: int, embed_dims, num_heads,
+                 mlp_ratios, qkv_bias: bool, depths, sr_ratios, attn_type: str, la_sr_ratios, norm: str, ln_eps: float,
+                 sla_kernel_size: int, global_pool: str, drop_rate: float, attn_drop_rate: float,
+                 drop_path_rate: float, attn: str | None):
+        super().__init__()
+        num_stages = len(depths)
+        for name, value in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios)):
+            if len(value) != num_stages:
+                raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {list(value)}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        attns = parse_attn(attn if attn is not None else attn_type, num_stages)
+        sr_ratios = parse_ratios(sr_ratios, num_stages, "sr_ratios")
+        la_sr_ratios = parse_ratios(la_sr_ratios, num_stages, "la_sr_ratios")
+        reductions = [la if a == "sla" else sr for a, sr, la in zip(attns, sr_ratios, la_sr_ratios)]
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        strides = [first_stride * 2 ** i for i in range(num_stages)]
+        self.input_multiple = stage_input_multiple(strides, reductions)
+        if img_size[0] % self.input_multiple or img_size[1] % self.input_multiple:
+            raise ValueError(f"img_size {img_size} must be a multiple of {self.input_multiple} "
+                             f"(stage strides {strides} times K/V reductions {reductions})")
+        self.num_classes, self.global_pool, self.in_chans, self.img_size = num_classes, global_pool, in_chans, img_size
+        self.embed_dims = list(embed_dims)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.num_stages = num_stages
+        self.norm_kind, self.attn_type = norm, attn_letters(attns)
+        self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
+        norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
+        for i in range(num_stages):
+            block_args = dict(mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, norm_layer=norm_layer, attn=attns[i],
+                              sr_ratio=reductions[i], sla_kernel_size=sla_kernel_size, drop=drop_rate,
+                              attn_drop=attn_drop_rate)
+            self._add_stage(i, strides[0] if i == 0 else 2, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i],
+                            num_heads[i], dpr[sum(depths[:i]):sum(depths[:i + 1])], block_args)
+        if self.uses_pos_embed:
+            self.pos_drop = nn.Dropout(drop_rate)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        tapped = "norm" if self.uses_stage_norms else "block"
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=strides[i], module=f"{tapped}{i + 1}")
+                             for i in range(num_stages)]
+        self.grad_checkpointing = False
+        self._init_weights()
+
+    def make_patch_embed(self, i: int, stride: int, in_dim: int, dim: int, norm_layer) -> nn.Module:
+        """Stage ``i``'s patch embedding (``stride``: its own, relative to the previous stage)."""
+        raise NotImplementedError
+
+    def _add_stage(self, i: int, stride: int, in_dim: int, dim: int, num_heads: int, drop_path: list[float],
+                   block_args: dict) -> None:
+        grid, norm_layer = self.grid_sizes[i], block_args["norm_layer"]
+        setattr(self, f"patch_embed{i + 1}", self.make_patch_embed(i, stride, in_dim, dim, norm_layer))
+        if self.uses_pos_embed:
+            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim)))
+        setattr(self, f"block{i + 1}", nn.ModuleList([
+            Block(dim, num_heads, grid_size=grid, mlp_layer=self.mlp_layer, drop_path=rate, **block_args)
+            for rate in drop_path]))
+        if self.uses_stage_norms:
+            setattr(self, f"norm{i + 1}", norm_layer(dim))
+
+    def _init_weights(self) -> None:
+        for i in range(self.num_stages if self.uses_pos_embed else 0):
+            trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
+        init_linear_layers(self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters()
+                if n.startswith("pos_embed") or n.endswith("positional_encoding") or n.endswith(".alpha")}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = new_classifier(self, self.num_features, num_classes)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
+        return x  # the stem is stage 1's patch embedding
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``i`` (0-based): ``[B, C_in, H, W] -> [B, C_i, H / s_i, W / s_i]``."""
+        x, hw = getattr(self, f"patch_embed{i + 1}")(x)
+        if self.uses_pos_embed:
+            x = self._embedded(x, getattr(self, f"pos_embed{i + 1}"), i, hw)
+        x = self.run_blocks(getattr(self, f"block{i + 1}"), x, hw)
+        if self.uses_stage_norms:
+            x = getattr(self, f"norm{i + 1}")(x)
+        return tokens_to_map(x, hw)
+
+    def _remove_stages(self, keep: int) -> None:
+        extras = ("pos_embed",) * self.uses_pos_embed + ("norm",) * self.uses_stage_norms
+        for i in range(keep, self.num_stages):
+            for prefix in ("patch_embed", "block") + extras:
+                delattr(self, f"{prefix}{i + 1}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
+        if torch.jit.is_scripting():
+            return self._scripted_stages(x)
+        return self.forward_stages(x)
+
+    def _embedded(self, x: torch.Tensor, pos_embed: torch.Tensor, i: int, hw: tuple[int, int]) -> torch.Tensor:
+        """Stage ``i``'s patch tokens plus its position embedding (resized to ``hw``)."""
+        return self.pos_drop(x + resize_positional_encoding(pos_embed, self.grid_sizes[i], hw))
+
+    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_features` under TorchScript, which reads attributes by literal names only.
+
+        The stages keep the authors' attribute names (the checkpoint keys), so the four of the standard
+        configurations are written out; ``hasattr`` (evaluated when compiling) skips the stages
+        :meth:`prune_intermediate_layers` removed and the parts one version does not have.
+        """
+        if hasattr(self, "block5"):
+            raise RuntimeError("TorchScript supports PVT models with at most 4 stages")
+        if hasattr(self, "block1"):
+            x, hw = self.patch_embed1(x)
+            if hasattr(self, "pos_embed1"):
+                x = self._embedded(x, self.pos_embed1, 0, hw)
+            for blk in self.block1:
+                x = blk(x, hw)
+            if hasattr(self, "norm1"):
+                x = self.norm1(x)
+            x = tokens_to_map(x, hw)
+        if hasattr(self, "block2"):
+            x, hw = self.patch_embed2(x)
+            if hasattr(self, "pos_embed2"):
+                x = self._embedded(x, self.pos_embed2, 1, hw)
+            for blk in self.block2:
+                x = blk(x, hw)
+            if hasattr(self, "norm2"):
+                x = self.norm2(x)
+            x = tokens_to_map(x, hw)
+        if hasattr(self, "block3"):
+            x, hw = self.patch_embed3(x)
+            if hasattr(self, "pos_embed3"):
+                x = self._embedded(x, self.pos_embed3, 2, hw)
+            for blk in self.block3:
+                x = blk(x, hw)
+            if hasattr(self, "norm3"):
+                x = self.norm3(x)
+            x = tokens_to_map(x, hw)
+        if hasattr(self, "block4"):
+            x, hw = self.patch_embed4(x)
+            if hasattr(self, "pos_embed4"):
+                x = self._embedded(x, self.pos_embed4, 3, hw)
+            for blk in self.block4:
+                x = blk(x, hw)
+            if hasattr(self, "norm4"):
+                x = self.norm4(x)
+            x = tokens_to_map(x, hw)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(-2, -1))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class PyramidVisionTransformer(_PyramidBase):
     """PVT v1 with a choice of norm (``ln``/``bn``/``repbn``/``prepbn``/``none``) and attention per stage.
 
     Args:
@@ -247,6 +429,8 @@ class PyramidVisionTransformer(nn.Module):
         sla_kernel_size: DWC kernel of SLA.
     """
 
+    uses_pos_embed = True
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dims: tuple[int, ...] = (64, 128, 320, 512),
                  num_heads: tuple[int, ...] = (1, 2, 5, 8), mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),
@@ -254,179 +438,12 @@ class PyramidVisionTransformer(nn.Module):
                  attn_type: str = "SSSS", la_sr_ratios="1111", norm: str = "prepbn", ln_eps: float = 1e-6,
                  sla_kernel_size: int = 5, global_pool: str = "avg", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn: str | None = None):
-        super().__init__()
-        num_stages = len(depths)
-        for name, value in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios)):
-            if len(value) != num_stages:
-                raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {list(value)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        attns = parse_attn(attn if attn is not None else attn_type, num_stages)
-        sr_ratios = parse_ratios(sr_ratios, num_stages, "sr_ratios")
-        la_sr_ratios = parse_ratios(la_sr_ratios, num_stages, "la_sr_ratios")
-        reductions = [la if a == "sla" else sr for a, sr, la in zip(attns, sr_ratios, la_sr_ratios)]
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        strides = [patch_size * 2 ** i for i in range(num_stages)]
-        self.input_multiple = stage_input_multiple(strides, reductions)
-        if img_size[0] % self.input_multiple or img_size[1] % self.input_multiple:
-            raise ValueError(f"img_size {img_size} must be a multiple of {self.input_multiple} "
-                             f"(stage strides {strides} times K/V reductions {reductions})")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.img_size = img_size
-        self.embed_dims = list(embed_dims)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.num_stages = num_stages
-        self.norm_kind, self.attn_type = norm, attn_letters(attns)
-        self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
-        norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
-        dpr = drop_path_rates(drop_path_rate, sum(depths))
-        cur = 0
-        for i in range(num_stages):
-            dim, grid = embed_dims[i], self.grid_sizes[i]
-            setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size if i == 0 else 2,
-                                                            in_chans if i == 0 else embed_dims[i - 1], dim, norm_layer))
-            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim)))
-            setattr(self, f"block{i + 1}", nn.ModuleList([
-                Block(dim, num_heads[i], mlp_ratios[i], qkv_bias, norm_layer, attns[i], reductions[i], grid,
-                      sla_kernel_size, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[cur + j])
-                for j in range(depths[i])]))
-            cur += depths[i]
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=strides[i], module=f"block{i + 1}")
-                             for i in range(num_stages)]
-        self.grad_checkpointing = False
-        self._init_weights()
+        super().__init__(patch_size, img_size, in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qkv_bias,
+                         depths, sr_ratios, attn_type, la_sr_ratios, norm, ln_eps, sla_kernel_size, global_pool,
+                         drop_rate, attn_drop_rate, drop_path_rate, attn)
 
-    def _init_weights(self) -> None:
-        for i in range(self.num_stages):
-            trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
-        init_linear_layers(self)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters()
-                if n.startswith("pos_embed") or n.endswith("positional_encoding") or n.endswith(".alpha")}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = new_classifier(self, self.num_features, num_classes)
-
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-        return x
-
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``i`` (0-based): ``[B, C_in, H, W] -> [B, C_i, H / s_i, W / s_i]``."""
-        x, hw = getattr(self, f"patch_embed{i + 1}")(x)
-        x = self._embedded(x, getattr(self, f"pos_embed{i + 1}"), i, hw)
-        x = self._blocks(getattr(self, f"block{i + 1}"), x, hw)
-        return tokens_to_map(x, hw)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs (NCHW) at ``indices`` (timm semantics); with ``intermediates_only=False`` also the last one."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
-        take, max_index = feature_take_indices(self.num_stages, indices)
-        out = []
-        last = max_index if stop_early else self.num_stages - 1
-        for i in range(last + 1):
-            x = self._stage(i, x)
-            if i in take:
-                out.append(x)
-        return out if intermediates_only else (x, out)
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (and the head); returns the absolute indices."""
-        take, max_index = feature_take_indices(self.num_stages, indices)
-        for i in range(max_index + 1, self.num_stages):
-            for prefix in ("patch_embed", "block", "pos_embed"):
-                delattr(self, f"{prefix}{i + 1}")
-        self.num_stages = max_index + 1
-        self.feature_info = self.feature_info[:max_index + 1]
-        self.num_features = self.head_hidden_size = self.embed_dims[max_index]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
-        if torch.jit.is_scripting():
-            return self._scripted_stages(x)
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
-        for i in range(self.num_stages):
-            x = self._stage(i, x)
-        return x
-
-    def _embedded(self, x: torch.Tensor, pos_embed: torch.Tensor, i: int, hw: tuple[int, int]) -> torch.Tensor:
-        """Stage ``i``'s patch tokens plus its position embedding (resized to ``hw``)."""
-        return self.pos_drop(x + resize_positional_encoding(pos_embed, self.grid_sizes[i], hw))
-
-    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward_features` under TorchScript, which reads attributes by literal names only.
-
-        The stages keep the authors' attribute names (``patch_embedI``, ``pos_embedI``, ``blockI``, the
-        checkpoint keys), so the four of the standard configurations are written out; ``hasattr`` skips
-        those :meth:`prune_intermediate_layers` removed.
-        """
-        if hasattr(self, "block5"):
-            raise RuntimeError("TorchScript supports PyramidVisionTransformer with at most 4 stages")
-        if hasattr(self, "block1"):
-            x, hw = self.patch_embed1(x)
-            x = self._embedded(x, self.pos_embed1, 0, hw)
-            for blk in self.block1:
-                x = blk(x, hw)
-            x = tokens_to_map(x, hw)
-        if hasattr(self, "block2"):
-            x, hw = self.patch_embed2(x)
-            x = self._embedded(x, self.pos_embed2, 1, hw)
-            for blk in self.block2:
-                x = blk(x, hw)
-            x = tokens_to_map(x, hw)
-        if hasattr(self, "block3"):
-            x, hw = self.patch_embed3(x)
-            x = self._embedded(x, self.pos_embed3, 2, hw)
-            for blk in self.block3:
-                x = blk(x, hw)
-            x = tokens_to_map(x, hw)
-        if hasattr(self, "block4"):
-            x, hw = self.patch_embed4(x)
-            x = self._embedded(x, self.pos_embed4, 3, hw)
-            for blk in self.block4:
-                x = blk(x, hw)
-            x = tokens_to_map(x, hw)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(-2, -1))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def make_patch_embed(self, i: int, stride: int, in_dim: int, dim: int, norm_layer) -> nn.Module:
+        return PatchEmbed(stride, in_dim, dim, norm_layer)
 
 
 def resize_checkpoint_encodings(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

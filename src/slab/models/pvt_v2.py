@@ -15,17 +15,12 @@ stage without K/V reduction, PRepBN); ``norm='ln'`` gives the LayerNorm baseline
 """
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
-from ..layers.attention import attn_letters, parse_attn
-from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_producer
 from ._authors import authors_cfg, remap_norm_keys
-from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
-from .pvt import (Block, authors_args, parse_ratios, resize_checkpoint_encodings, stage_input_multiple,
-                  tokens_to_map)
+from ._builder import build_slab_model
+from .pvt import _PyramidBase, authors_args, resize_checkpoint_encodings
 
 __all__ = ["PyramidVisionTransformerV2", "checkpoint_filter_fn"]
 
@@ -79,7 +74,7 @@ class OverlapPatchEmbed(nn.Module):
         return self
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(_PyramidBase):
     """PVT v2 with a choice of norm and attention per stage.
 
     Args:
@@ -94,6 +89,9 @@ class PyramidVisionTransformerV2(nn.Module):
         sla_kernel_size: DWC kernel of SLA.
     """
 
+    mlp_layer = DWConvMlp
+    uses_stage_norms = True
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dims: tuple[int, ...] = (64, 128, 320, 512),
                  num_heads: tuple[int, ...] = (1, 2, 5, 8), mlp_ratios: tuple[float, ...] = (8, 8, 4, 4),
@@ -101,164 +99,12 @@ class PyramidVisionTransformerV2(nn.Module):
                  attn_type: str = "SSSS", la_sr_ratios="1111", norm: str = "prepbn", ln_eps: float = 1e-6,
                  sla_kernel_size: int = 5, global_pool: str = "avg", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn: str | None = None):
-        super().__init__()
-        num_stages = len(depths)
-        for name, value in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios)):
-            if len(value) != num_stages:
-                raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {list(value)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        attns = parse_attn(attn if attn is not None else attn_type, num_stages)
-        sr_ratios = parse_ratios(sr_ratios, num_stages, "sr_ratios")
-        la_sr_ratios = parse_ratios(la_sr_ratios, num_stages, "la_sr_ratios")
-        reductions = [la if a == "sla" else sr for a, sr, la in zip(attns, sr_ratios, la_sr_ratios)]
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        strides = [4 * 2 ** i for i in range(num_stages)]
-        self.input_multiple = stage_input_multiple(strides, reductions)
-        if img_size[0] % self.input_multiple or img_size[1] % self.input_multiple:
-            raise ValueError(f"img_size {img_size} must be a multiple of {self.input_multiple} "
-                             f"(stage strides {strides} times K/V reductions {reductions})")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.img_size = img_size
-        self.embed_dims = list(embed_dims)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.num_stages = num_stages
-        self.norm_kind, self.attn_type = norm, attn_letters(attns)
-        self.grid_sizes = [(img_size[0] // s, img_size[1] // s) for s in strides]
-        norm_layer = get_norm_layer(norm, ln_eps=ln_eps)
-        dpr = drop_path_rates(drop_path_rate, sum(depths))
-        cur = 0
-        for i in range(num_stages):
-            dim, grid = embed_dims[i], self.grid_sizes[i]
-            setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(7 if i == 0 else 3, 4 if i == 0 else 2,
-                                                                   in_chans if i == 0 else embed_dims[i - 1], dim,
-                                                                   norm_layer))
-            setattr(self, f"block{i + 1}", nn.ModuleList([
-                Block(dim, num_heads[i], mlp_ratios[i], qkv_bias, norm_layer, attns[i], reductions[i], grid,
-                      sla_kernel_size, mlp_layer=DWConvMlp, drop=drop_rate, attn_drop=attn_drop_rate,
-                      drop_path=dpr[cur + j])
-                for j in range(depths[i])]))
-            setattr(self, f"norm{i + 1}", norm_layer(dim))
-            cur += depths[i]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=strides[i], module=f"norm{i + 1}")
-                             for i in range(num_stages)]
-        self.grad_checkpointing = False
-        self._init_weights()
+        super().__init__(4, img_size, in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qkv_bias, depths,
+                         sr_ratios, attn_type, la_sr_ratios, norm, ln_eps, sla_kernel_size, global_pool, drop_rate,
+                         attn_drop_rate, drop_path_rate, attn)
 
-    def _init_weights(self) -> None:
-        init_linear_layers(self)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith("positional_encoding") or n.endswith(".alpha")}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = new_classifier(self, self.num_features, num_classes)
-
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``i`` (0-based): ``[B, C_in, H, W] -> [B, C_i, H / s_i, W / s_i]`` (after ``norm{i+1}``)."""
-        x, hw = getattr(self, f"patch_embed{i + 1}")(x)
-        for blk in getattr(self, f"block{i + 1}"):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-        return tokens_to_map(getattr(self, f"norm{i + 1}")(x), hw)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs (NCHW, after each stage's norm) at ``indices`` (timm semantics)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
-        take, max_index = feature_take_indices(self.num_stages, indices)
-        out = []
-        last = max_index if stop_early else self.num_stages - 1
-        for i in range(last + 1):
-            x = self._stage(i, x)
-            if i in take:
-                out.append(x)
-        return out if intermediates_only else (x, out)
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one in ``indices`` (and the head); returns the absolute indices."""
-        take, max_index = feature_take_indices(self.num_stages, indices)
-        for i in range(max_index + 1, self.num_stages):
-            for prefix in ("patch_embed", "block", "norm"):
-                delattr(self, f"{prefix}{i + 1}")
-        self.num_stages = max_index + 1
-        self.feature_info = self.feature_info[:max_index + 1]
-        self.num_features = self.head_hidden_size = self.embed_dims[max_index]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W] -> [B, C_last, H / 32, W / 32]``."""
-        if torch.jit.is_scripting():
-            return self._scripted_stages(x)
-        check_image_input(x, self.in_chans, multiple_of=self.input_multiple, model=type(self).__name__)
-        for i in range(self.num_stages):
-            x = self._stage(i, x)
-        return x
-
-    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward_features` under TorchScript, which reads attributes by literal names only.
-
-        The stages keep the authors' attribute names (``patch_embedI``, ``blockI``, ``normI``, the checkpoint
-        keys), so the four of the standard configurations are written out; ``hasattr`` skips those
-        :meth:`prune_intermediate_layers` removed.
-        """
-        if hasattr(self, "block5"):
-            raise RuntimeError("TorchScript supports PyramidVisionTransformerV2 with at most 4 stages")
-        if hasattr(self, "block1"):
-            x, hw = self.patch_embed1(x)
-            for blk in self.block1:
-                x = blk(x, hw)
-            x = tokens_to_map(self.norm1(x), hw)
-        if hasattr(self, "block2"):
-            x, hw = self.patch_embed2(x)
-            for blk in self.block2:
-                x = blk(x, hw)
-            x = tokens_to_map(self.norm2(x), hw)
-        if hasattr(self, "block3"):
-            x, hw = self.patch_embed3(x)
-            for blk in self.block3:
-                x = blk(x, hw)
-            x = tokens_to_map(self.norm3(x), hw)
-        if hasattr(self, "block4"):
-            x, hw = self.patch_embed4(x)
-            for blk in self.block4:
-                x = blk(x, hw)
-            x = tokens_to_map(self.norm4(x), hw)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(-2, -1))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def make_patch_embed(self, i: int, stride: int, in_dim: int, dim: int, norm_layer) -> nn.Module:
+        return OverlapPatchEmbed(7 if i == 0 else 3, stride, in_dim, dim, norm_layer)
 
     def fuse(self) -> "PyramidVisionTransformerV2":
         # A stage norm reads a residual sum (no producer to absorb it) and feeds the next patch embedding,

@@ -35,10 +35,8 @@ the same ``qkv`` output as before. norm2 folds into ``fc1``, patch-merging norms
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
-from timm.models._features import feature_take_indices
 
 from ..layers.attention import (SimplifiedLinearAttention, attn_letters, get_attn_layer, head_dim_of, parse_attn,
                                 register_attn_layer, resize_positional_encoding)
@@ -46,6 +44,7 @@ from ..layers.norm import get_norm_layer
 from ..reparam.fold import as_channel_affine, fold_into_consumers, fold_into_producer, zero_preimage
 from ._authors import authors_cfg, authors_ln_eps, authors_norm_kind, drop_keys, remap_norm_keys
 from ._builder import build_slab_model, check_image_input, drop_path_rates, init_linear_layers, new_classifier
+from ._stages import StagedModel
 
 __all__ = ["SlabSwinTransformer", "SwinBlock", "WindowAttention", "PatchMerging", "checkpoint_filter_fn"]
 
@@ -328,25 +327,16 @@ class SwinStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, built_hw: tuple[int, int],
                  attn: str, downsample: bool, norm_layer, drop_path: list[float], **block_kwargs):
         super().__init__()
-        self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             SwinBlock(dim, num_heads, window_size, shift=i % 2 == 1, built_hw=built_hw, attn=attn,
                       norm_layer=norm_layer, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
         self.downsample = PatchMerging(dim, norm_layer) if downsample else nn.Identity()
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.downsample(self.forward_blocks(x))
+        return self.downsample(self.blocks(x))
 
 
-class SlabSwinTransformer(nn.Module):
+class SlabSwinTransformer(StagedModel, nn.Module):
     """Swin Transformer with a choice of norm (``ln``/``bn``/``repbn``/``prepbn``/``none``) and per-stage attention.
 
     Args:
@@ -361,7 +351,13 @@ class SlabSwinTransformer(nn.Module):
             ``attn='softmax'``/``'sla'`` sets every stage.
         ln_eps: LayerNorm eps (1e-5 in Swin). sla_kernel_size: DWC kernel of SLA (5).
         patch_norm: norm after the patch embedding.
+
+    Stage ``i`` of timm's stage interface (:class:`slab.models._stages.StagedModel`) is ``layers[i]``'s blocks,
+    after ``layers[i - 1].downsample``: its features are taken before patch merging, as in timm's Swin.
     """
+
+    stage_output_fmt = "NHWC"
+    has_final_norm = True
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
@@ -386,7 +382,7 @@ class SlabSwinTransformer(nn.Module):
         self.patch_size = patch_size
         self.img_size = img_size
         self.embed_dim = embed_dim
-        self.num_layers = len(depths)
+        self.num_layers = self.num_stages = len(depths)
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (self.num_layers - 1)
         self.norm_kind = norm
         self.attn_type = attn_letters(stage_attn)
@@ -411,6 +407,7 @@ class SlabSwinTransformer(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -420,11 +417,6 @@ class SlabSwinTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters()
                 if n.endswith(("relative_position_bias_table", "positional_encoding", ".alpha"))}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -443,8 +435,19 @@ class SlabSwinTransformer(nn.Module):
             check_image_input(x, self.in_chans, multiple_of=self.patch_size, model=type(self).__name__)
         return self.pos_drop(self.patch_embed(x))
 
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i > 0:
+            x = self.layers[i - 1].downsample(x)
+        return self.run_blocks(self.layers[i].blocks, x)
+
+    def _remove_stages(self, keep: int) -> None:
+        self.layers = self.layers[:keep]
+        self.layers[-1].downsample = nn.Identity()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W] -> [B, H/32, W/32, C]`` (NHWC, after the final norm)."""
+        if not torch.jit.is_scripting():
+            return self.final_norm(self.forward_stages(x))
         x = self._embed(x)
         for stage in self.layers:
             x = stage(x)
@@ -458,42 +461,6 @@ class SlabSwinTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Outputs of the stages' blocks (before patch merging), as in timm's Swin.
-
-        ``norm=True`` applies the final norm to the last stage's map. Returns the list of maps, or
-        ``(final features, maps)`` unless ``intermediates_only``.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        intermediates = []
-        x = self._embed(x)
-        last = len(self.layers) - 1
-        stages = self.layers[:max_index + 1] if stop_early else self.layers
-        for i, stage in enumerate(stages):
-            x = stage.forward_blocks(x)
-            if i in take:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-            x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages (and the last kept stage's patch merging) that no requested feature needs."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = nn.Identity()
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     def fuse(self) -> "SlabSwinTransformer":
         # The final norm could fold into the head (pooling is linear), but forward_features and the
