@@ -19,7 +19,9 @@ import time
 import torch
 
 FORMS = {"ln": dict(norm="ln", attn="softmax"), "prepbn": dict(norm="prepbn", attn="softmax"),
-         "slab": dict(norm="prepbn", attn="sla")}
+         "slab": dict(norm="prepbn", attn="sla"),
+         # the study's (slab study) other norm ablations, tuned the same way
+         "bn": dict(norm="bn", attn="softmax"), "repbn": dict(norm="repbn", attn="softmax")}
 
 
 def table(path: str) -> str:
