@@ -57,7 +57,6 @@ class DemoConfig:
     latency_repeats: int = 30
     scaling_repeats: int = 5
     scaling_sizes: tuple[int, ...] = SCALING_SIZES
-    scaling_sizes: tuple[int, ...] = SCALING_SIZES
     progress: bool = True
 
 
