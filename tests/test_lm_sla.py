@@ -100,7 +100,9 @@ def test_attn_type_validation_and_layer_letters():
     assert SlabLlamaConfig(num_hidden_layers=3).layer_attn_types == "SSS"
     assert SlabLlamaConfig(num_hidden_layers=3, attn_type="sla").layer_attn_types == "LLL"
     assert SlabLlamaConfig(num_hidden_layers=3, attn_type="LSL").layer_attn_types == "LSL"
-    for bad in ("SLS", "SLSLX", "slsl", "linear", ""):
+    # the grammar of the vision models' attn= (one parser): letters in any case
+    assert SlabLlamaConfig(num_hidden_layers=4, attn_type="slsl").layer_attn_types == "SLSL"
+    for bad in ("SLS", "SLSLX", "SLXL", "linear", "", None):
         with pytest.raises(ValueError, match="attn_type"):
             SlabLlamaConfig(num_hidden_layers=4, attn_type=bad)
     for field, value in (("sla_position", "learned"), ("sla_conv_kernel", 0), ("sla_chunk_size", 0)):

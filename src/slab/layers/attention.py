@@ -50,15 +50,18 @@ torch.fx.wrap("linear_attention")
 torch.fx.wrap("linear_attention_reference")
 
 
-def parse_attn(attn: str, num_stages: int) -> list[str]:
-    """The attention kind of each stage: ``'sla'`` / ``'softmax'`` for all, or one letter per stage
-    (``'LLSS'`` -> ``['sla', 'sla', 'softmax', 'softmax']``; L = SLA, S = softmax, any case)."""
+def parse_attn(attn: str, num_stages: int, unit: str = "stage", name: str = "attn (or attn_type)") -> list[str]:
+    """The attention kind of each stage (or layer: ``unit``): ``'sla'`` / ``'softmax'`` for all, or one letter
+    per stage (``'LLSS'`` -> ``['sla', 'sla', 'softmax', 'softmax']``; L = SLA, S = softmax, any case). The one
+    parser of every model's ``attn=`` and of ``SlabLlamaConfig.attn_type`` (``name`` is the argument's name in
+    the error)."""
     if attn in ATTN_KINDS:
         return [attn] * num_stages
     letters = attn.upper() if isinstance(attn, str) else None
     if letters is None or len(letters) != num_stages or any(c not in ATTN_LETTERS for c in letters):
-        raise ValueError(f"attn (or attn_type) must be 'softmax', 'sla' or a string of {num_stages} letters from "
-                         f"'L' (SLA) and 'S' (softmax), one per stage, e.g. {'L' * num_stages!r}; got {attn!r}")
+        example = "LS" * (num_stages // 2) + "L" * (num_stages % 2)
+        raise ValueError(f"{name} must be 'softmax', 'sla' or a string of {num_stages} letters from "
+                         f"'L' (SLA) and 'S' (softmax), one per {unit}, e.g. {example!r}; got {attn!r}")
     return [ATTN_LETTERS[c] for c in letters]
 
 

@@ -93,14 +93,9 @@ class SlabLlamaConfig(LlamaConfig):
     @property
     def layer_attn_types(self) -> str:
         """One letter per layer, 'S' softmax or 'L' SLA (read, not stored: follows ``num_hidden_layers``)."""
-        attn_type, layers = self.attn_type, self.num_hidden_layers
-        if attn_type in ATTN_TYPES:
-            return ATTN_TYPES[attn_type] * layers
-        if not isinstance(attn_type, str) or set(attn_type) - {"S", "L"} or len(attn_type) != layers:
-            raise ValueError(f"SlabLlamaConfig.attn_type must be one of {tuple(ATTN_TYPES)} or one letter per layer "
-                             f"('S' softmax, 'L' SLA; {layers} layers, e.g. {'SL' * (layers // 2) + 'S' * (layers % 2)!r}), "
-                             f"got {attn_type!r}")
-        return attn_type
+        from ..layers.attention import attn_letters, parse_attn  # the models' parser: one grammar for attn=
+        return attn_letters(parse_attn(self.attn_type, self.num_hidden_layers, unit="layer",
+                                       name="SlabLlamaConfig.attn_type"))
 
     @property
     def has_sla(self) -> bool:
