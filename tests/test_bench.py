@@ -70,6 +70,21 @@ def test_attention_and_sla_sections(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000 and path.endswith("p.png")
 
 
+def test_modules_section_times_sla_softmax_and_the_dwc_share():
+    from slab.bench.attention import attention_modules
+    from slab.bench.run import render_markdown
+    r = attention_modules(16, widths=((16, 2),), batches=(1, 2), repeats=2, compiled=False)
+    assert [(row["dim"], row["batch"]) for row in r["rows"]] == [(16, 1), (16, 2)]
+    for row in r["rows"]:
+        assert {"SLA", "softmax (SDPA)", "SLA without DWC"} <= set(row) and row["sla_over_softmax"] > 0
+        assert row["dwc_share"] < 1.0
+    md = render_markdown({"machine": {"cpu": "x", "logical_cores": 2, "torch_threads": 1, "torch": "t", "gpu": None},
+                          "config": {}, "modules": r})
+    assert "### Attention modules at N = 16" in md and md.count("| 16 / 2 |") == 2
+    with pytest.raises(ValueError, match="square token count"):
+        attention_modules(15, repeats=1, compiled=False)
+
+
 def test_sla_gpu_section_skips_without_a_gpu_and_renders():
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in sla_gpu_by_tokens((16,))["skipped"]

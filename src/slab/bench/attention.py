@@ -85,6 +85,52 @@ def attention_by_tokens(tokens: tuple[int, ...] = (196, 784, 3136, 12544), batch
     return {"batch": batch, "heads": heads, "head_dim": head_dim, "unit": "ms", "rows": rows}
 
 
+def attention_modules(tokens: int = 196, widths: tuple[tuple[int, int], ...] = ((192, 3), (384, 6)),
+                      batches: tuple[int, ...] = (1, 8), kernel_size: int = 5, repeats: int = 50,
+                      compiled: bool = True, max_time: float | None = 30.0) -> dict:
+    """Forward latency (ms) of whole attention modules (qkv, attention, proj) at DeiT widths: SLA against softmax
+    (SDPA), SLA without its depthwise conv (what the DWC costs), and with ``compiled`` the ``torch.compile`` of
+    both (inductor fuses SLA's elementwise passes; needs a C++ compiler on CPU). Rows per width and batch, with
+    ``sla_over_softmax`` (eager) and ``compiled_sla_over_softmax`` (compiled SLA over compiled softmax)."""
+    from ..layers.attention import SimplifiedLinearAttention, SoftmaxAttention
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise ValueError(f"attention_modules needs a square token count (a grid), got {tokens}")
+    hw = (side, side)
+    rows = []
+    for dim, heads in widths:
+        torch.manual_seed(dim)
+        sla = SimplifiedLinearAttention(dim, heads, hw, kernel_size=kernel_size).eval()
+        softmax = SoftmaxAttention(dim, heads, hw).eval()
+        no_dwc = SimplifiedLinearAttention(dim, heads, hw, kernel_size=kernel_size).eval()
+        no_dwc.dwc = _ZeroConv()  # the same module with the DWC's output replaced by a free zero
+        candidates = {"SLA": sla, "softmax (SDPA)": softmax, "SLA without DWC": no_dwc}
+        if compiled:
+            candidates["SLA compiled"] = torch.compile(sla, dynamic=False)
+            candidates["softmax compiled"] = torch.compile(softmax, dynamic=False)
+        for batch in batches:
+            x = torch.randn(batch, tokens, dim)
+            fns = {name: (lambda m=m: m(x, hw)) for name, m in candidates.items()}
+            with torch.inference_mode():
+                t = compare(fns, repeats=repeats, warmup=3, max_time=max_time)
+            row = {"dim": dim, "heads": heads, "batch": batch, **{n: tm.robust * 1e3 for n, tm in t.items()}}
+            row["sla_over_softmax"] = row["SLA"] / row["softmax (SDPA)"]
+            row["dwc_share"] = 1.0 - row["SLA without DWC"] / row["SLA"]
+            if compiled:
+                row["compiled_sla_over_softmax"] = row["SLA compiled"] / row["softmax compiled"]
+                row["compiled_sla_over_eager_softmax"] = row["SLA compiled"] / row["softmax (SDPA)"]
+            rows.append(row)
+    return {"tokens": tokens, "kernel_size": kernel_size, "threads": torch.get_num_threads(), "unit": "ms",
+            "rows": rows}
+
+
+class _ZeroConv(torch.nn.Module):
+    """Stands in for the DWC in :func:`attention_modules`: a zero of the right shape, nearly free."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(()).expand_as(x)
+
+
 def plot_attention_by_tokens(result: dict, path: str, title: str | None = None) -> str:
     """Log-log plot of latency against token count; returns ``path``."""
     import matplotlib

@@ -13,7 +13,7 @@ from .machine import machine_info
 
 __all__ = ["BenchConfig", "QUICK", "FULL", "run_bench", "render_markdown"]
 
-SECTIONS = ("sla", "attention", "norms", "training", "models", "sla_gpu", "prepbn_gpu")
+SECTIONS = ("sla", "attention", "modules", "norms", "training", "models", "sla_gpu", "prepbn_gpu")
 
 
 @dataclass
@@ -34,6 +34,9 @@ class BenchConfig:
     gpu_tokens: tuple[int, ...] = (196, 784, 3136, 12544)       # sla_gpu: skipped without a CUDA GPU
     attention_batch: int = 1
     attention_repeats: int = 10
+    module_tokens: int = 196                                      # modules: SLA vs SDPA module at DeiT widths
+    module_compiled: bool = True
+    module_repeats: int = 50
     norm_shape: tuple[int, int, int] = (64, 197, 384)            # SLAB-DeiT-S block input at batch 64
     norm_repeats: int = 20
     training_model: str = "slab_deit_small_patch16_224"
@@ -47,7 +50,7 @@ def _quick() -> BenchConfig:
     return BenchConfig(
         families={"deit (Fashion-MNIST nano)": "slab_deit_nano_patch4_28"}, batch_sizes=(1, 64),
         backends=("eager", "onnxruntime"), model_repeats=10, model_max_time=10.0, sla_repeats=6,
-        tokens=(196, 784, 3136), attention_repeats=5, norm_shape=(16, 197, 192), norm_repeats=8,
+        tokens=(196, 784, 3136), attention_repeats=5, module_compiled=False, module_repeats=20, norm_shape=(16, 197, 192), norm_repeats=8,
         training_model="slab_deit_nano_patch4_28", training_batch=64, training_repeats=3,
         notes=["--quick: the 28x28 Fashion-MNIST SLAB-DeiT stands in for the families; no torch.compile; "
                "token counts up to 3136; a DeiT-T-sized norm input at batch 16; few repeats."])
@@ -97,6 +100,16 @@ def run_bench(cfg: BenchConfig, output: str | os.PathLike, log=print) -> dict:
                                                                       str(out_dir / "attention_latency.png"))
         for row in result["attention"]["rows"]:
             log(f"   N={row['tokens']:6d}: softmax / SLA = {row['softmax_over_sla']:.2f}")
+        save()
+    if "modules" in cfg.sections:
+        log(f"== attention modules at N = {cfg.module_tokens}: SLA vs softmax (SDPA), DWC share"
+            + (", compiled" if cfg.module_compiled else ""))
+        result["modules"] = attention.attention_modules(cfg.module_tokens, repeats=cfg.module_repeats,
+                                                        compiled=cfg.module_compiled)
+        for row in result["modules"]["rows"]:
+            log(f"   dim {row['dim']} batch {row['batch']}: SLA / softmax = {row['sla_over_softmax']:.2f} "
+                f"(DWC {100 * row['dwc_share']:.0f} % of SLA)"
+                + (f", compiled {row['compiled_sla_over_softmax']:.2f}" if "compiled_sla_over_softmax" in row else ""))
         save()
     if "sla_gpu" in cfg.sections:
         log(f"== SLA torch vs Triton vs SDPA on the GPU, N = {cfg.gpu_tokens}")
@@ -205,6 +218,8 @@ def render_markdown(result: dict, plot_path: str | None = None) -> str:
                   f"Copy bandwidth {_f(r['copy_bandwidth_GBps'], 1)} GB/s: reading q, k, v once and writing the "
                   f"output once takes {_f(r['bandwidth_bound_ms'])} ms; the fast forward is "
                   f"{_f(r['fast_forward_vs_bound'], 1)}x that bound.", ""]
+    if "modules" in result:
+        lines += _modules_markdown(result["modules"])
     if "attention" in result:
         a = result["attention"]
         names = [k for k in a["rows"][0] if k not in ("tokens", "softmax_over_sla")]
@@ -261,3 +276,20 @@ def render_markdown(result: dict, plot_path: str | None = None) -> str:
         lines.append("")
     lines.append(f"Total benchmark time: {result.get('elapsed_s', 0):.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _modules_markdown(r: dict) -> list[str]:
+    names = [k for k in r["rows"][0] if k not in ("dim", "heads", "batch") and not k.endswith(("_softmax", "_share"))]
+    lines = [f"### Attention modules at N = {r['tokens']} (qkv + attention + proj, forward, ms, {r['threads']} "
+             f"thread(s), DWC {r['kernel_size']}x{r['kernel_size']})", "",
+             "| dim / heads | batch | " + " | ".join(names) + " | SLA / softmax | DWC share of SLA |"
+             + (" compiled SLA / compiled softmax |" if "compiled_sla_over_softmax" in r["rows"][0] else ""),
+             "|---|---:|" + "---:|" * (len(names) + 2 + ("compiled_sla_over_softmax" in r["rows"][0]))]
+    for row in r["rows"]:
+        line = (f"| {row['dim']} / {row['heads']} | {row['batch']} | " + " | ".join(_f(row[n], 3) for n in names)
+                + f" | {_f(row['sla_over_softmax'])} | {100 * row['dwc_share']:.0f} % |")
+        if "compiled_sla_over_softmax" in row:
+            line += f" {_f(row['compiled_sla_over_softmax'])} |"
+        lines.append(line)
+    return lines + [""]
+
