@@ -354,6 +354,16 @@ def test_bench_arguments(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_study_arguments(tmp_path, capsys):
+    out = ["--output", tmp_path / "s"]
+    assert_refused(capsys, ["study", *out, "--epochs", "0"], "finite number above 0")
+    assert_refused(capsys, ["study", *out, "--epochs", "inf"], "finite number above 0")
+    assert_refused(capsys, ["study", *out, "--epochs", "ten"], "expected a positive number")
+    assert_refused(capsys, ["study", *out, "--recal-batches", "-1"], "0 (off) or more")
+    assert_refused(capsys, ["study", *out, "--variants", "layernorm"], "layernorm")
+    assert not (tmp_path / "s").exists()
+
+
 def test_plot_and_data_arguments(files, tmp_path, capsys):
     assert_refused(capsys, ["plot", tmp_path / "norun"], "not found")
     (tmp_path / "empty_run").mkdir()

@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from ..errors import positive_float_arg, positive_int_arg
+from ..errors import nonnegative_int_arg, positive_float_arg, positive_int_arg
 
 
 def register(sub) -> None:
@@ -26,7 +26,7 @@ def register(sub) -> None:
                    help="optimizer steps per run instead of --epochs (short runs, e.g. to try the command)")
     p.add_argument("--jobs", type=positive_int_arg, default=2, help="runs in parallel (processes; default 2)")
     p.add_argument("--threads", type=positive_int_arg, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--recal-batches", type=int, default=100, help="BN recalibration batches for BN models (0: off)")
+    p.add_argument("--recal-batches", type=nonnegative_int_arg, default=100, help="BN recalibration batches for BN models (0: off)")
     p.set_defaults(func=run)
 
 
