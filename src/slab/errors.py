@@ -17,7 +17,7 @@ import tempfile
 from typing import Iterable
 
 __all__ = ["UserError", "did_you_mean", "check_choices", "check_output_dir", "check_output_file", "output_error",
-           "check_device", "parse_json_object", "positive_int_arg"]
+           "check_device", "parse_json_object", "positive_int_arg", "positive_float_arg", "nonnegative_int_arg"]
 
 
 class UserError(ValueError):
@@ -140,34 +140,28 @@ def parse_json_object(text: str | None, flag: str = "--model-kwargs") -> dict:
     return value
 
 
+def _number_arg(text: str, cast, expected: str, ok, must: str):
+    """Parse ``text`` with ``cast`` for an argparse ``type=``; ``ok(value)`` or an error saying it ``must`` ..."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        shown = repr(text) if cast is float else value  # a float as typed ('inf'), a count as parsed
+        raise argparse.ArgumentTypeError(f"must be {must}, got {shown}")
+    return value
+
+
 def positive_int_arg(text: str) -> int:
     """argparse ``type=`` for a count that must be at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _number_arg(text, int, "a positive whole number", lambda v: v >= 1, "at least 1")
 
 
 def positive_float_arg(text: str) -> float:
     """argparse ``type=`` for an amount that must be a finite number above 0 (e.g. epochs)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
-    return value
+    return _number_arg(text, float, "a positive number", lambda v: 0 < v < float("inf"), "a finite number above 0")
 
 
 def nonnegative_int_arg(text: str) -> int:
     """argparse ``type=`` for a count where 0 means off."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or more, got {value}")
-    return value
+    return _number_arg(text, int, "a whole number >= 0", lambda v: v >= 0, "0 (off) or more")

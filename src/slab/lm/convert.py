@@ -370,6 +370,7 @@ def rmsnorm_form(model: nn.Module) -> nn.Module:
 def residual_bounds(teacher: nn.Module, batches, factor: float = 4.0) -> list[float]:
     """Per decoder layer, ``factor`` x the largest absolute value of ``teacher``'s residual stream after that
     layer over ``batches`` (``(input_ids, attention_mask or None)`` pairs): the bounds of :func:`residual_guard`."""
+    from .train import forward_batches
     if not factor > 0:
         raise ValueError(f"residual_bounds: factor must be > 0, got {factor}")
     layers = list(teacher.model.layers)
@@ -382,11 +383,8 @@ def residual_bounds(teacher: nn.Module, batches, factor: float = 4.0) -> list[fl
         return hook
 
     handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
-    n = 0
     try:
-        for ids, mask in batches:
-            teacher(input_ids=ids, attention_mask=mask, use_cache=False)
-            n += 1
+        n = forward_batches(teacher, batches)
     finally:
         for h in handles:
             h.remove()

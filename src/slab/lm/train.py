@@ -111,6 +111,16 @@ def fit_bn_to_ln(model: nn.Module, batches) -> int:
 
 
 @torch.no_grad()
+def forward_batches(model: nn.Module, batches) -> int:
+    """Run ``model`` (no cache) over ``(input_ids, attention_mask or None)`` pairs, for what its hooks or BN
+    statistics see; returns how many batches there were."""
+    n = 0
+    for ids, mask in batches:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        n += 1
+    return n
+
+
 def recalibrate_bn(model: nn.Module, batches, all_ranks: bool = False) -> int:
     """Re-estimate every RepBN's running statistics over ``batches`` with the rest of the model in eval.
 
@@ -136,11 +146,8 @@ def recalibrate_bn(model: nn.Module, batches, all_ranks: bool = False) -> int:
             # 'running'/'causal' training statistics would feed the layers downstream with the reset running
             # statistics or prefix estimates while they are being measured: measure with whole-batch ones.
             m.stats = "batch"
-    n = 0
     try:
-        for ids, mask in batches:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            n += 1
+        n = forward_batches(model, batches)
     finally:
         for m, mom, st in zip(bns, momenta, stats):
             m.bn.momentum = mom
