@@ -130,3 +130,20 @@ def test_cli_bench_writes_json_plot_and_tables(tmp_path, capsys):
     assert render_markdown(result) == (tmp_path / "bench.md").read_text()
     assert main(["bench", "--sections", "bogus"]) == 2
     assert main(["bench", "--families", "nope"]) == 2
+
+
+def test_models_gpu_section_skips_without_a_gpu_runs_on_any_device_and_renders():
+    from slab.bench.models import bench_models_on_device
+    from slab.bench.run import _models_gpu_markdown
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in bench_models_on_device()["skipped"]
+    assert "Skipped: why." in "\n".join(_models_gpu_markdown({"skipped": "why"}))
+    # The same measurement on the CPU (the 28x28 SLAB-DeiT, float32): the four forms, timed, with ratios.
+    r = bench_models_on_device(("slab_deit_nano_patch4_28",), batch=2, dtype="float32", device="cpu", repeats=2,
+                               max_time=5.0)
+    (row,) = r["rows"]
+    assert set(row["ms"]) == {"LN", "PRepBN", "fused", "none"} and all(v > 0 for v in row["ms"].values())
+    assert row["ratios"]["LN"]["vs_LN"] == 1.0
+    assert row["images_per_s"]["fused"] == pytest.approx(2 / (row["ms"]["fused"] / 1e3))
+    text = "\n".join(_models_gpu_markdown(r))
+    assert "(cpu; batch 2, float32, forward, ms)" in text and "| slab_deit_nano_patch4_28 |" in text

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import slab
 from slab.layers import PRepBN, RepBN, SimplifiedLinearAttention, TokenBatchNorm, get_norm_layer
-from slab.layers.attention import attn_letters, get_attn_layer, parse_attn
+from slab.layers.attention import attn_letters, dwc_on_tokens, get_attn_layer, parse_attn
 from slab.ops import linear_attention, linear_attention_reference
 from slab.schedule import PRepBNSchedule
 
@@ -189,6 +189,21 @@ def test_sla_module_fast_vs_reference(b, h, n, d, grid):
     (g1,) = torch.autograd.grad(y1, x, g)
     (g2,) = torch.autograd.grad(y2, x, g)
     assert_close("sla module grad", g2, g1, 1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_dwc_on_tokens_is_one_shared_conv_per_head(bias):
+    """The token-layout DWC against the plain per-head form: each head's ``d`` channels as an image, one conv
+    shared by the heads; on a strided slice of a fused qkv, a non-square grid and an even batch."""
+    torch.manual_seed(0)
+    b, h, d, grid = 2, 3, 7, (3, 5)
+    conv = nn.Conv2d(d, d, 5, padding=2, groups=d, bias=bias)
+    v = torch.randn(b, grid[0] * grid[1], 3 * h * d)[..., 2 * h * d:]  # strided along N, like qkv.chunk
+    got = dwc_on_tokens(v, grid, conv.weight, conv.bias, h)
+    heads = v.reshape(b, grid[0], grid[1], h, d)
+    want = torch.stack([conv(heads[..., i, :].permute(0, 3, 1, 2)).permute(0, 2, 3, 1) for i in range(h)], dim=3)
+    assert got.shape == v.shape and got.is_contiguous()
+    assert_close("dwc", want.reshape(v.shape), got, 1e-6)
 
 
 def test_sla_normaliser_float32_under_autocast():

@@ -46,6 +46,21 @@ def test_fast_matches_reference_outputs_and_gradients(case):
         assert_close(f"d{name}", w, o, 1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", [CASES["n63-d32-h3"], CASES["nq63-nk7-d32"]], ids=["self", "cross"])
+def test_inference_path_matches_autograd_path(case):
+    """Without autograd the op skips its autograd Function: the same numbers, under no_grad and inference_mode,
+    also for inputs that require grad."""
+    q, k, v = _inputs(case)
+    want = linear_attention(q, k, v)
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        got = linear_attention(q, k, v)
+    with torch.inference_mode():
+        got_inference = linear_attention(*(t.detach() for t in (q, k, v)))
+    assert got.grad_fn is None
+    assert torch.equal(want.detach(), got) and torch.equal(got, got_inference)
+
+
 @pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, True, True)], ids=["q", "k", "v", "kv"])
 def test_gradient_subsets(which):

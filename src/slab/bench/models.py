@@ -25,7 +25,7 @@ from ..reparam.fuse import fuse
 from .latency import count_gflops, count_params
 from .timing import compare
 
-__all__ = ["FAMILY_MODELS", "FORMS", "build_forms", "bench_model"]
+__all__ = ["FAMILY_MODELS", "FORMS", "GPU_MODELS", "build_forms", "bench_model", "bench_models_on_device"]
 
 #: family -> the SLAB model of the paper benchmarked for it.
 FAMILY_MODELS = {
@@ -36,6 +36,8 @@ FAMILY_MODELS = {
     "cswin": "slab_cswin_tiny_224",
 }
 FORMS = ("LN", "PRepBN", "fused", "none")
+#: The models of the paper's GPU latency comparison (SLAB-Swin-S 16.2 ms at batch 64), and the smallest one.
+GPU_MODELS = ("slab_swin_small_patch4_224", "slab_deit_tiny_patch16_224")
 
 
 def build_norm_form(name: str, norm: str, **kwargs) -> nn.Module:
@@ -131,3 +133,30 @@ def bench_model(name: str, batch_sizes: tuple[int, ...] = (1, 64), backends: tup
                     xn = np.ascontiguousarray(x.numpy())
                     record("onnxruntime", b, {f: (lambda s=s, xn=xn: s.run(xn)) for f, s in sessions.items()})
     return out
+
+
+def bench_models_on_device(names: tuple[str, ...] = GPU_MODELS, batch: int = 64, dtype: str = "float16",
+                           device: str = "cuda", repeats: int = 30, max_time: float | None = 60.0) -> dict:
+    """Forward latency (ms) and throughput of the four forms of each model on ``device`` in ``dtype``, the
+    paper's GPU setting by default (batch 64, float16), synchronised after every call and interleaved.
+
+    The forms are built and fused in float32, then cast. Returns ``{"skipped": why}`` for a CUDA ``device``
+    when no GPU is visible; any other device runs (the tests use the CPU).
+    """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU visible: run `slab bench --sections models_gpu` on a machine with one"}
+    dt = getattr(torch, dtype)
+    rows = []
+    for name in names:
+        forms = {f: m.to(device=device, dtype=dt) for f, m in build_forms(name).items()}
+        c, h, w = forms["PRepBN"].pretrained_cfg["input_size"]
+        x = torch.randn(batch, c, h, w, device=device, dtype=dt)
+        with torch.no_grad():
+            t = compare({f: (lambda m=m: m(x)) for f, m in forms.items()}, repeats=repeats, warmup=3,
+                        max_time=max_time, device=device)
+        ms = {f: v.robust * 1e3 for f, v in t.items()}
+        rows.append({"model": name, "ms": ms, "images_per_s": {f: batch / (v / 1e3) for f, v in ms.items()},
+                     "ratios": _ratios(ms)})
+        del forms, x
+    where = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else device
+    return {"device": where, "dtype": dtype, "batch": batch, "unit": "ms", "rows": rows}

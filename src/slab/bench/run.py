@@ -13,7 +13,7 @@ from .machine import machine_info
 
 __all__ = ["BenchConfig", "QUICK", "FULL", "run_bench", "render_markdown"]
 
-SECTIONS = ("sla", "attention", "modules", "norms", "training", "models", "sla_gpu", "prepbn_gpu")
+SECTIONS = ("sla", "attention", "modules", "norms", "training", "models", "sla_gpu", "prepbn_gpu", "models_gpu")
 
 
 @dataclass
@@ -32,6 +32,8 @@ class BenchConfig:
     sla_repeats: int = 20
     tokens: tuple[int, ...] = (196, 784, 3136, 12544)
     gpu_tokens: tuple[int, ...] = (196, 784, 3136, 12544)       # sla_gpu: skipped without a CUDA GPU
+    gpu_models: tuple[str, ...] = ()                             # models_gpu: () = models.GPU_MODELS
+    gpu_batch: int = 64
     attention_batch: int = 1
     attention_repeats: int = 10
     module_tokens: int = 196                                      # modules: SLA vs SDPA module at DeiT widths
@@ -123,6 +125,16 @@ def run_bench(cfg: BenchConfig, output: str | os.PathLike, log=print) -> dict:
         if "skipped" in result["prepbn_gpu"]:
             log(f"   skipped: {result['prepbn_gpu']['skipped']}")
         save()
+    if "models_gpu" in cfg.sections:
+        names = cfg.gpu_models or models.GPU_MODELS
+        log(f"== {', '.join(names)} on the GPU: forms LN, PRepBN, fused, none at batch {cfg.gpu_batch}, float16")
+        result["models_gpu"] = models.bench_models_on_device(names, batch=cfg.gpu_batch)
+        if "skipped" in result["models_gpu"]:
+            log(f"   skipped: {result['models_gpu']['skipped']}")
+        for row in result["models_gpu"].get("rows", []):
+            q = row["ratios"]["fused"]
+            log(f"   {row['model']}: fused {row['ms']['fused']:.2f} ms, fused/LN {q['vs_LN']:.3f}")
+        save()
     if "norms" in cfg.sections:
         log(f"== norm training cost on {cfg.norm_shape}")
         result["norms"] = norms.norm_training_cost(cfg.norm_shape, repeats=cfg.norm_repeats)
@@ -197,6 +209,21 @@ def _prepbn_gpu_markdown(r: dict) -> list[str]:
     return lines + [""] + ([f"* {n}" for n in dict.fromkeys(notes)] + [""] if notes else [])
 
 
+def _models_gpu_markdown(r: dict) -> list[str]:
+    title = "### Model latency on the GPU: forms LN, PRepBN (unfused), fused, none (norm-free bound)"
+    if "skipped" in r:
+        return [title, "", f"Skipped: {r['skipped']}.", ""]
+    forms = list(r["rows"][0]["ms"])
+    lines = [f"{title} ({r['device']}; batch {r['batch']}, {r['dtype']}, forward, ms)", "",
+             "| model | " + " | ".join(forms) + " | fused / LN | fused / none | fused images/s |",
+             "|---|" + "---:|" * (len(forms) + 3)]
+    for row in r["rows"]:
+        q = row["ratios"]["fused"]
+        lines.append(f"| {row['model']} | " + " | ".join(_f(row["ms"][f]) for f in forms)
+                     + f" | {_f(q['vs_LN'], 3)} | {_f(q['vs_none'], 3)} | {row['images_per_s']['fused']:.0f} |")
+    return lines + [""]
+
+
 def render_markdown(result: dict, plot_path: str | None = None) -> str:
     """The result tables as markdown (what docs/benchmarks.md holds)."""
     m = result["machine"]
@@ -236,6 +263,8 @@ def render_markdown(result: dict, plot_path: str | None = None) -> str:
         lines += _sla_gpu_markdown(result["sla_gpu"])
     if "prepbn_gpu" in result:
         lines += _prepbn_gpu_markdown(result["prepbn_gpu"])
+    if "models_gpu" in result:
+        lines += _models_gpu_markdown(result["models_gpu"])
     if "norms" in result:
         r = result["norms"]
         lines += [f"### Norm training cost, forward + backward on {tuple(r['shape'])} (ms)", "",

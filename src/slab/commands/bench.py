@@ -4,13 +4,15 @@
     slab bench --output outputs/bench       # the full suite (about half an hour on 2 CPU cores)
 
 Sections: ``sla`` (the SLA op vs the einsum form, and the memory-bandwidth bound), ``attention``
-(SLA vs softmax vs einsum by token count, with a PNG plot), ``norms`` (PRepBN/RepBN/BN/LN training cost
+(SLA vs softmax vs einsum by token count, with a PNG plot), ``modules`` (whole SLA and SDPA attention
+modules at 196 tokens and DeiT-T/S widths, eager and compiled, with the DWC's share), ``norms`` (PRepBN/RepBN/BN/LN training cost
 of the norm alone), ``training`` (a whole training step per norm form), ``models`` (per family and form:
 params, GFLOPs, latency at batch 1 and throughput at a larger batch in eager, torch.compile and ONNX
 Runtime, with ratios to the LayerNorm form and the norm-free bound), ``sla_gpu`` (on a CUDA GPU: the SLA
 op's torch and Triton paths vs SDPA by token count in float16/bfloat16), ``prepbn_gpu`` (on a CUDA GPU: the
-PRepBN training op's torch and Triton paths vs LayerNorm; both GPU sections are skipped, with the reason,
-without one). Candidates are always timed side
+PRepBN training op's torch and Triton paths vs LayerNorm), ``models_gpu`` (on a CUDA GPU: SLAB-Swin-S and
+SLAB-DeiT-T forms LN, PRepBN, fused, none at batch 64 in float16, the paper's latency setting); the GPU
+sections are skipped, with the reason, without one. Candidates are always timed side
 by side, interleaved, and reported as the 20th percentile of the repeats: compare ratios, not
 absolute times, on a shared machine.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench.run import SECTIONS
 from ..errors import UserError, check_choices, check_output_dir, check_output_file, did_you_mean, positive_int_arg
 
 
@@ -39,8 +42,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small models, few repeats: a couple of minutes")
     p.add_argument("--output", default="outputs/bench", help="folder for bench.json, bench.md and the plot")
     p.add_argument("--sections", type=_csv, default=None,
-                   help="comma-separated subset of sla,attention,norms,training,models,sla_gpu,prepbn_gpu "
-                        "(default: all)")
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--families", type=_csv, default=None,
                    help="comma-separated families (deit,pvt,pvt_v2,swin,cswin) or registered model names")
     p.add_argument("--backends", type=_csv, default=None, help="subset of eager,compile,onnxruntime")

@@ -30,8 +30,7 @@ from ..ops.linear_attention import linear_attention
 from ..ops.naive import linear_attention_reference
 
 __all__ = ["SoftmaxAttention", "SimplifiedLinearAttention", "SLACore", "resize_positional_encoding",
-           "dwc_on_values", "split_heads", "merge_heads", "check_grid", "values_to_grid", "grid_to_values",
-           "values_on_tokens", "head_dim_of", "ATTN_KINDS", "ATTN_FORMS", "parse_attn", "attn_letters",
+           "dwc_on_tokens", "split_heads", "merge_heads", "check_grid", "values_on_tokens", "head_dim_of", "ATTN_KINDS", "ATTN_FORMS", "parse_attn", "attn_letters",
            "register_attn_layer", "get_attn_layer"]
 
 ATTN_KINDS = ("softmax", "sla")
@@ -134,39 +133,35 @@ def resize_positional_encoding(pe: torch.Tensor, src_hw: tuple[int, int], hw: tu
 torch.fx.wrap("resize_positional_encoding")  # see the note at linear_attention
 
 
-def values_to_grid(v: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Each head's values as a map: ``[B, h, N, d] -> [B * h, d, H, W]``."""
-    b, h, n, d = v.shape
-    return v.reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
-
-
-def grid_to_values(grid: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of :func:`values_to_grid`: ``[B * h, d, H, W] -> [B, h, N, d]``."""
-    bh, d, gh, gw = grid.shape
-    return grid.permute(0, 2, 3, 1).reshape(bh // num_heads, num_heads, gh * gw, d)
-
-
 @register_notrace_function  # compares token counts known only at run time
 def values_on_tokens(v: torch.Tensor, n: int) -> torch.Tensor:
-    """Values ``[B, h, M, d]`` of a reduced grid, linearly interpolated along the sequence to ``n`` tokens
+    """Values ``[B, M, C]`` of a reduced grid, linearly interpolated along the sequence to ``n`` tokens
     (PVT's spatial-reduction SLA; no-op when ``M == n``)."""
-    if v.shape[2] == n:
+    if v.shape[1] == n:
         return v
-    b, h, m, d = v.shape
-    v = F.interpolate(v.transpose(-2, -1).reshape(b * h, d, m), size=n, mode="linear")
-    return v.reshape(b, h, d, n).transpose(-2, -1)
+    return F.interpolate(v.transpose(1, 2), size=n, mode="linear").transpose(1, 2)
 
 
 torch.fx.wrap("values_on_tokens")  # see the note at linear_attention
 
 
-def dwc_on_values(v: torch.Tensor, hw: tuple[int, int], dwc: nn.Conv2d) -> torch.Tensor:
-    """Depthwise conv of each head's values over the grid: ``[B, h, N, d] -> [B, h, N, d]``.
+def dwc_on_tokens(v: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor, bias: torch.Tensor | None,
+                  num_heads: int) -> torch.Tensor:
+    """SLA's depthwise conv of each head's values over the grid, in the token layout: ``v`` ``[B, N, C]`` (any
+    strides along N, channels contiguous, e.g. a slice of a fused ``qkv``) -> a new ``[B, N, C]``.
 
-    TorchScript cannot pass a module to a function: scripted modules call ``dwc`` between
-    :func:`values_to_grid` and :func:`grid_to_values` themselves.
+    ``weight`` ``[d, 1, k, k]`` and ``bias`` ``[d]`` are the conv's, shared by the heads (``d = C / heads``).
+    Why this layout: ``[B, N, C]`` viewed as ``[B, H, W, C]`` *is* a channels-last image of ``C`` channels, so
+    one depthwise conv over all heads (the weights repeated per head, ``C * k * k`` floats) reads V without
+    a copy and writes the tokens layout the head merge wants; the per-head layout ``[B * heads, d, H, W]``
+    costs two copies and a slower oneDNN path (docs/benchmarks.md, issue 16).
     """
-    return grid_to_values(dwc(values_to_grid(v, hw)), v.shape[1])
+    b, n, c = v.shape
+    image = v.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
+    if bias is not None:
+        bias = torch.cat([bias] * num_heads)  # cat: 6 us here, Tensor.repeat 35 us (its dispatch, not the copy)
+    out = F.conv2d(image, torch.cat([weight] * num_heads), bias, padding=weight.shape[-1] // 2, groups=c)
+    return out.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class SLACore:
@@ -205,10 +200,17 @@ class SLACore:
         brought back to the N tokens first when K/V come from a reduced grid."""
         if not torch.jit.is_scripting():
             check_grid(q.shape[1], hw)
+        b, n, c = q.shape
         k = k + resize_positional_encoding(self.positional_encoding, self.grid_size, kv_hw)
-        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
-        local = grid_to_values(self.dwc(values_to_grid(values_on_tokens(v, q.shape[2]), hw)), self.num_heads)
-        return merge_heads(self.attend(q, k, v) + local)
+        local = self.local_values(values_on_tokens(v, n), hw)
+        out = self.attend(split_heads(q, self.num_heads), split_heads(k, self.num_heads),
+                          split_heads(v, self.num_heads))
+        # The head merge and the add in one pass, into the DWC's fresh [B, N, C] output.
+        return local.view(b, n, self.num_heads, self.head_dim).add_(out.transpose(1, 2)).view(b, n, c)
+
+    def local_values(self, v: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The DWC branch ``DWC(v)``: ``[B, N, C]`` tokens of the ``hw`` grid -> a new ``[B, N, C]``."""
+        return dwc_on_tokens(v, hw, self.dwc.weight, self.dwc.bias, self.num_heads)
 
 
 @register_attn_layer("global", "softmax")

@@ -7,11 +7,10 @@ faster than the plain einsum chain:
 * associativity chosen by shape: ``q (k^T v)`` costs ``O(N d^2)``, ``(q k^T) v`` costs
   ``O(N^2 d)``; we take the cheaper one (only very short sequences prefer the second);
 * ``kv = k^T v`` and ``ks = sum_j k_j`` are tiny (``[d, dv]``, ``[d]``); the normaliser ``q ks + eps``
-  comes from one batched matrix-vector product that also adds ``eps`` (``baddbmm``), and the division
-  is applied to the rows of the (private) ``relu(q)`` buffer before the last product, so the output is
-  written exactly once, contiguous, with no ``torch.cat`` of ones and no slicing;
-* a custom autograd Function with a hand-written backward that saves only ``q``, ``k``, ``v`` (plus the
-  tiny ``kv`` and ``ks``), recomputing the ReLUs and the normaliser: the einsum chain's autograd keeps
+  comes from one batched matrix-vector product, and the division runs in place on the last product,
+  so the output is written once, contiguous, with no ``torch.cat`` of ones and no slicing;
+* a custom autograd Function with a hand-written backward (skipped when no gradient is needed) that saves
+  only ``q``, ``k``, ``v`` (plus the tiny ``kv`` and ``ks``), recomputing the ReLUs and the normaliser: the einsum chain's autograd keeps
   several ``[B, H, N, d]`` intermediates alive and its backward is an order of magnitude slower;
 * everything is computed in float32 (float64 for float64 inputs) with autocast disabled: the ReLU
   kernel is unbounded and the sums over N overflow in half precision. Half-precision inputs are cast
@@ -73,8 +72,9 @@ def _kv_state(k3r: torch.Tensor, v3: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _denominator(q3r: torch.Tensor, ks: torch.Tensor, eps: float) -> torch.Tensor:
-    """``relu(q) ks + eps`` as ``[S, Nq, 1]`` in one batched matrix-vector product."""
-    return torch.baddbmm(q3r.new_full((1, 1, 1), eps), q3r, ks)
+    """``relu(q) ks + eps`` as ``[S, Nq, 1]``: a batched matrix-vector product, then ``eps`` in place on the tiny
+    result (``baddbmm`` with a broadcast ``eps`` costs twice the product at 196 tokens)."""
+    return torch.bmm(q3r, ks).add_(eps)
 
 
 def _relu_into(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,6 +91,25 @@ def _relu_into(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     return torch.clamp_min(x, 0.0, out=out)
 
 
+def _kv_first_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q (k^T v)`` forward on ``[B, H, N, D]`` tensors of any strides: the output ``[B, H, Nq, Dv]`` and the
+    state ``kv`` ``[S, D, Dv]``, ``ks`` ``[S, D, 1]`` (``S = B * H``) the backward needs. Two
+    ``[B, H, N, D]``-sized buffers, one of them the output."""
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    s = b * h
+    buf = _relu_into(k)
+    # reshape, not view: a view in eager (the buffers are contiguous), and exporters that
+    # functionalize ``out=`` may hand back other strides.
+    kv, ks = _kv_state(buf.reshape(s, nk, d), v.reshape(s, nk, dv))
+    # relu(q) into the same buffer when it fits (self-attention); the division then runs in place on the
+    # product, the output's only buffer (dividing the rows of relu(q) first measured slower: issue 16).
+    qr = _relu_into(q, buf if q.shape == k.shape else None).reshape(s, nq, d)
+    den = _denominator(qr, ks, eps)
+    return torch.bmm(qr, kv).div_(den).reshape(b, h, nq, dv), kv, ks
+
+
 class _LinearAttentionKVFirst(torch.autograd.Function):
     """``q (k^T v)`` association with a hand-written backward, on ``[B, H, N, D]`` tensors of any strides.
 
@@ -102,21 +121,10 @@ class _LinearAttentionKVFirst(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-        b, h, nq, d = q.shape
-        nk, dv = k.shape[2], v.shape[3]
-        s = b * h
-        buf = _relu_into(k)
-        # reshape, not view: a view in eager (the buffers are contiguous), and exporters that
-        # functionalize ``out=`` may hand back other strides.
-        kv, ks = _kv_state(buf.reshape(s, nk, d), v.reshape(s, nk, dv))
-        # relu(q) into the same buffer when it fits (self-attention); it is ours, so scaling its rows in
-        # place by 1/den makes the last product the output: written once, contiguous.
-        qr = _relu_into(q, buf if q.shape == k.shape else None).reshape(s, nq, d)
-        qr.div_(_denominator(qr, ks, eps))
-        out = torch.bmm(qr, kv)
+        out, kv, ks = _kv_first_forward(q, k, v, eps)
         ctx.save_for_backward(q, k, v, kv, ks)
         ctx.eps = eps
-        return out.reshape(b, h, nq, dv)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -228,6 +236,9 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
         if torch.jit.is_tracing() or torch.jit.is_scripting():
             # The TorchScript tracer/ONNX exporter cannot see into a Python autograd Function.
             out = _composite(qf, kf, vf, float(eps)) if kv_first(nq, nk, d, dv) else _qk_first(qf, kf, vf, float(eps))
+        elif kv_first(nq, nk, d, dv) and not (torch.is_grad_enabled() and
+                                               (qf.requires_grad or kf.requires_grad or vf.requires_grad)):
+            out = _kv_first_forward(qf, kf, vf, float(eps))[0]  # inference: the Function's bookkeeping is overhead
         elif kv_first(nq, nk, d, dv):
             out = _LinearAttentionKVFirst.apply(qf, kf, vf, float(eps))
         else:
