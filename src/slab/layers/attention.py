@@ -30,8 +30,8 @@ from ..ops.linear_attention import linear_attention
 from ..ops.naive import linear_attention_reference
 
 __all__ = ["SoftmaxAttention", "SimplifiedLinearAttention", "SLACore", "resize_positional_encoding",
-           "dwc_on_tokens", "split_heads", "merge_heads", "check_grid", "values_on_tokens", "head_dim_of", "ATTN_KINDS", "ATTN_FORMS", "parse_attn", "attn_letters",
-           "register_attn_layer", "get_attn_layer"]
+           "dwc_on_tokens", "split_heads", "merge_heads", "check_grid", "values_on_tokens", "head_dim_of",
+           "ATTN_KINDS", "ATTN_FORMS", "parse_attn", "attn_letters", "register_attn_layer", "get_attn_layer"]
 
 ATTN_KINDS = ("softmax", "sla")
 #: The per-stage letters of the authors' ``attn_type`` strings (``'LLSS'``).

@@ -10,8 +10,9 @@ faster than the plain einsum chain:
   comes from one batched matrix-vector product, and the division runs in place on the last product,
   so the output is written once, contiguous, with no ``torch.cat`` of ones and no slicing;
 * a custom autograd Function with a hand-written backward (skipped when no gradient is needed) that saves
-  only ``q``, ``k``, ``v`` (plus the tiny ``kv`` and ``ks``), recomputing the ReLUs and the normaliser: the einsum chain's autograd keeps
-  several ``[B, H, N, d]`` intermediates alive and its backward is an order of magnitude slower;
+  only ``q``, ``k``, ``v`` (plus the tiny ``kv`` and ``ks``), recomputing the ReLUs and the normaliser: the
+  einsum chain's autograd keeps several ``[B, H, N, d]`` intermediates alive and its backward is an order of
+  magnitude slower;
 * everything is computed in float32 (float64 for float64 inputs) with autocast disabled: the ReLU
   kernel is unbounded and the sums over N overflow in half precision. Half-precision inputs are cast
   once and the output is cast back to ``q``'s dtype.
@@ -233,16 +234,15 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     ct = _compute_dtype(q)
     with _no_autocast(q.device):
         qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            # The TorchScript tracer/ONNX exporter cannot see into a Python autograd Function.
-            out = _composite(qf, kf, vf, float(eps)) if kv_first(nq, nk, d, dv) else _qk_first(qf, kf, vf, float(eps))
-        elif kv_first(nq, nk, d, dv) and not (torch.is_grad_enabled() and
-                                               (qf.requires_grad or kf.requires_grad or vf.requires_grad)):
-            out = _kv_first_forward(qf, kf, vf, float(eps))[0]  # inference: the Function's bookkeeping is overhead
-        elif kv_first(nq, nk, d, dv):
-            out = _LinearAttentionKVFirst.apply(qf, kf, vf, float(eps))
+        eps = float(eps)
+        if not kv_first(nq, nk, d, dv):
+            out = _qk_first(qf, kf, vf, eps)
+        elif torch.jit.is_tracing() or torch.jit.is_scripting():
+            out = _composite(qf, kf, vf, eps)  # the TorchScript tracer / ONNX exporter cannot see into a Function
+        elif torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad or vf.requires_grad):
+            out = _LinearAttentionKVFirst.apply(qf, kf, vf, eps)
         else:
-            out = _qk_first(qf, kf, vf, float(eps))
+            out = _kv_first_forward(qf, kf, vf, eps)[0]  # no gradients: the Function's bookkeeping is overhead
     return out.to(out_dtype)
 
 
